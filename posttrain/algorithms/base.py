@@ -1,0 +1,89 @@
+"""The seam between the one training loop and the algorithms.
+
+An algorithm makes a step's batch (generation, rewards, advantages, reference log-probs: whatever
+it needs) and turns the model's outputs for one micro-batch into a loss. The trainer only runs
+forward, backward and the optimizer; it never knows which algorithm it runs.
+
+Convention: `loss()` returns this micro-batch's *share* of the step loss and of every metric,
+already divided by global (whole-step, all-rank) denominators, so the trainer just sums shares
+over micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass
+class StepBatch:
+    """One optimizer step's data on this rank.
+
+    Attributes:
+        micro_batches: dicts of tensors; `input_ids`/`attention_mask` [b, L] go to the model,
+            the rest is for `Algorithm.loss`.
+        metrics: step metrics computed while making the batch (already global).
+        updates: optimizer steps taken over these micro-batches (logp_old fixed for all).
+    """
+
+    micro_batches: list[dict[str, torch.Tensor]]
+    metrics: dict[str, float] = field(default_factory=dict)
+    updates: int = 1
+
+
+class Algorithm(Protocol):
+    """What the trainer calls. Implementations live one per file in this folder."""
+
+    def make_batch(self, step: int, model: torch.nn.Module) -> StepBatch:
+        """Build step `step`'s micro-batches (may run the model without grad)."""
+        ...
+
+    def loss(
+        self, outputs: Any, micro_batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return (loss share, metric shares) for one micro-batch."""
+        ...
+
+    def after_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Called after the optimizer steps of a batch (e.g. weight sync); returns metrics."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Resumable state (data position, weight version, controllers)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`."""
+        ...
+
+
+def model_inputs(micro_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The subset of a micro-batch that the model's forward takes."""
+    return {k: micro_batch[k] for k in MODEL_INPUT_KEYS if k in micro_batch}
+
+
+def pad_right(seqs: list[list[int]], pad: int | float, dtype: torch.dtype) -> torch.Tensor:
+    """Stack variable-length lists into [N, max_len], padding on the right."""
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), max(width, 1)), pad, dtype=dtype)
+    for i, s in enumerate(seqs):
+        if s:
+            out[i, : len(s)] = torch.tensor(s, dtype=dtype)
+    return out
+
+
+def chunk_indices(n: int, size: int) -> list[list[int]]:
+    """Split range(n) into consecutive chunks of at most `size`."""
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def shard_for_rank(n: int, rank: int, world: int) -> list[int]:
+    """Contiguous indices of `n` samples owned by `rank` (n must divide evenly)."""
+    if n % world:
+        raise ValueError(f"{n} samples cannot be split evenly over {world} ranks")
+    per = n // world
+    return list(range(rank * per, (rank + 1) * per))

@@ -1,0 +1,105 @@
+"""Supervised fine-tuning: cross-entropy on completion tokens only (token_mean, global count).
+
+Used on its own (`train.algorithm: sft`) and as the quickstart's warm-up before GRPO.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from posttrain import distributed as dist
+from posttrain import losses
+from posttrain.algorithms.base import StepBatch, chunk_indices, pad_right, shard_for_rank
+from posttrain.config import Config
+from posttrain.data.arithmetic import sft_completion
+from posttrain.data.chat import encode_sft
+from posttrain.data.stream import RowStream
+from posttrain.errors import ConfigError
+
+
+def completion_of(row: dict[str, Any], cfg: Config, index: int) -> str:
+    """The target completion of a row: its completion column, or the arithmetic answer."""
+    col = cfg.data.completion_column
+    if col in row and row[col] is not None:
+        return str(row[col])
+    if cfg.data.source == "arithmetic":
+        return sft_completion(row)
+    raise ConfigError(
+        f"SFT row {index}: no '{col}' column (set data.completion_column; row has "
+        f"{', '.join(sorted(row))})"
+    )
+
+
+class SFT:
+    """Completion-only cross-entropy.
+
+    Args:
+        cfg: run config (`train.sft_batch_size` rows per optimizer step).
+        tokenizer: chat-template tokenizer.
+        rows: training rows with a prompt column and a completion column.
+        eval_fn: optional callable(step) -> metrics used by `evaluate`.
+    """
+
+    def __init__(self, cfg: Config, tokenizer: Any, rows: list[dict], eval_fn: Any = None) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.stream = RowStream(rows, seed=cfg.data.seed)
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.denominator = 1.0
+        self.eval_fn = eval_fn
+
+    def make_batch(self, step: int, model: torch.nn.Module) -> StepBatch:
+        """Tokenise this step's rows (this rank's shard) into micro-batches."""
+        cfg = self.cfg
+        rows = self.stream.take(cfg.train.sft_batch_size)
+        mine = shard_for_rank(len(rows), dist.rank(), dist.world_size())
+        ids, masks = [], []
+        for i in mine:
+            row = rows[i]
+            x, m = encode_sft(
+                self.tokenizer,
+                row[cfg.data.prompt_column],
+                completion_of(row, cfg, i),
+                cfg.data.system_prompt,
+            )
+            ids.append(list(x))
+            masks.append(list(m)[1:])
+        input_ids = pad_right(ids, self.pad_id, torch.long)
+        attention = pad_right([[1] * len(x) for x in ids], 0, torch.long)
+        mask = pad_right(masks, 0, torch.float)[:, : input_ids.shape[1] - 1]
+        self.denominator = max(dist.all_reduce_sum(float(mask.sum())), 1.0)
+        micro = []
+        for idx in chunk_indices(len(ids), cfg.train.micro_batch_size_per_device):
+            width = int(attention[idx].sum(dim=1).max())
+            micro.append(
+                {
+                    "input_ids": input_ids[idx, :width],
+                    "attention_mask": attention[idx, :width],
+                    "mask": mask[idx, : width - 1],
+                }
+            )
+        return StepBatch(micro, {"tokens/trained": self.denominator})
+
+    def loss(self, outputs: Any, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Share of the token-mean negative log-likelihood."""
+        logp = losses.token_logprobs(outputs.logits[:, :-1], mb["input_ids"][:, 1:], 1.0)
+        nll = -(logp * mb["mask"]).sum() / self.denominator
+        return nll, {}
+
+    def after_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Nothing to sync."""
+        return {}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Delegates to the evaluation callable, if any."""
+        return self.eval_fn(step) if self.eval_fn else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position."""
+        return {"stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the data position."""
+        self.stream.load_state_dict(state["stream"])

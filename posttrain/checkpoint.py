@@ -1,0 +1,132 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint directory holds a `save_pretrained` model and tokenizer (usable by transformers and
+vLLM as they are), the DeepSpeed engine state (model, optimizer, scheduler; ZeRO partitions
+per rank) and `trainer_state.json` + `rng.pt` (step, weight version, data position, RNG).
+It is written to `<name>.tmp`, fsynced, then renamed: a crash never leaves a half checkpoint
+under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from posttrain import distributed as dist
+
+STATE_FILE = "trainer_state.json"
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the run draws from."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """The model's full (un-sharded) state dict on CPU; gathers ZeRO-3 partitions."""
+    module = engine.module if hasattr(engine, "module") else engine
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        import deepspeed
+
+        out = {}
+        for name, param in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                out[name] = param.detach().cpu().clone()
+        for name, buf in module.named_buffers():
+            out[name] = buf.detach().cpu().clone()
+        return out
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def save(
+    ckpt_dir: Path,
+    engine: Any,
+    tokenizer: Any,
+    trainer_state: dict[str, Any],
+) -> Path:
+    """Write a complete checkpoint atomically (all ranks call this).
+
+    Args:
+        ckpt_dir: final directory name, e.g. `runs/x/checkpoints/step-00010`.
+        engine: the DeepSpeed engine.
+        tokenizer: saved next to the model.
+        trainer_state: JSON-serialisable step/version/data position/algorithm state.
+
+    Returns:
+        The final checkpoint path.
+    """
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
+    weights = full_state_dict(engine)
+    if dist.is_main():
+        module = engine.module
+        module.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+    torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    dist.barrier()
+    if dist.is_main():
+        _fsync_tree(tmp)
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        os.replace(tmp, ckpt_dir)
+    dist.barrier()
+    return ckpt_dir
+
+
+def latest(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint under `checkpoints` (ignores `.tmp` leftovers)."""
+    if not checkpoints.is_dir():
+        return None
+    done = [p for p in checkpoints.iterdir() if p.is_dir() and (p / STATE_FILE).is_file()]
+    done = [p for p in done if not p.name.endswith(".tmp")]
+    return max(done, key=lambda p: json.loads((p / STATE_FILE).read_text())["step"], default=None)
+
+
+def load(ckpt_dir: Path, engine: Any) -> dict[str, Any]:
+    """Restore engine (model, optimizer, scheduler) and RNG; return the trainer state."""
+    state_file = ckpt_dir / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is not a posttrain checkpoint (no {STATE_FILE})")
+    engine.load_checkpoint(str(ckpt_dir / "engine"), tag="state")
+    rng_file = ckpt_dir / f"rng_rank{dist.rank()}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads(state_file.read_text())

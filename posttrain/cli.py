@@ -1,0 +1,61 @@
+"""`posttrain` command line: train a recipe, build the tiny model, evaluate.
+
+posttrain train recipes/quickstart.yaml train.steps=20 rollout.temperature=0.8
+posttrain make-tiny runs/tiny-model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from posttrain.errors import ConfigError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from posttrain.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    from posttrain.trainer import Trainer
+
+    Trainer(cfg).train()
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from posttrain.models import make_tiny
+
+    path = make_tiny(args.out, size=args.size, seed=args.seed)
+    print(f"[posttrain] tiny model ({args.size}) written to {path}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train from a YAML recipe with key.sub=value overrides")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
+    t.set_defaults(fn=_train)
+    m = sub.add_parser("make-tiny", help="write the built-in tiny Qwen2 model + tokenizer")
+    m.add_argument("out")
+    m.add_argument("--size", default="tiny", choices=["tiny", "bench"])
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(fn=_make_tiny)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user mistakes print one line (no traceback) and exit with status 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as err:
+        print(f"posttrain: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""Typed configuration: frozen dataclasses loaded from YAML plus dotted CLI overrides.
+
+Every key has a type and a default. An unknown key is an error that names the closest valid key;
+a wrong type or an impossible value is one line naming the field and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from posttrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to train.
+
+    `path: tiny` builds the built-in tiny Qwen2 model offline into `<output_dir>/tiny-model`.
+    """
+
+    path: str = "tiny"
+    tiny_size: str = "tiny"
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    ref_path: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where prompts come from. `source: arithmetic` is the built-in synthetic task."""
+
+    source: str = "arithmetic"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    train_size: int | None = 4000
+    eval_source: str | None = None
+    eval_size: int = 200
+    system_prompt: str | None = None
+    max_prompt_tokens: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Generation settings and the sampling-side options of ALGORITHMS.md."""
+
+    engine: str = "vllm"
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kv_cache_gib: float = 1.0
+    gpu_memory_utilization: float = 0.5
+    filter_zero_variance_groups: bool = False
+    max_generation_rounds: int = 4
+    mask_truncated: bool = False
+    overlong_penalty: bool = False
+    overlong_buffer: int = 4
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """Advantage estimator (`grpo`, `dr_grpo`, `batch_std`, `rloo`, `reinforce_pp`, `opo`)."""
+
+    estimator: str = "grpo"
+    eps: float = 1e-6
+    entropy_modulation: float | None = None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Policy-loss options."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip_c: float | None = None
+    ratio_level: str = "token"
+    tis_cap: float | None = 2.0
+    aggregation: str = "token_mean"
+    entropy_coef: float = 0.0
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    """KL to the reference model, in the loss (`coef`) with estimator k1/k2/k3."""
+
+    coef: float = 0.0
+    estimator: str = "k3"
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """One reward function from `rewards/`, by registry name, with a weight."""
+
+    name: str = "exact_answer"
+    weight: float = 1.0
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW plus warmup and a decay schedule (`cosine`, `linear`, `constant`)."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop: algorithm, steps, batch shape, DeepSpeed stage, checkpointing."""
+
+    algorithm: str = "grpo"
+    steps: int = 100
+    micro_batch_size_per_device: int = 8
+    updates_per_batch: int = 1
+    zero_stage: int = 0
+    seed: int = 0
+    output_dir: str = "runs/default"
+    save_every: int = 0
+    eval_every: int = 0
+    resume: str | None = None
+    sft_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """Optional SFT warm-up run before the main algorithm (same trainer, `sft` algorithm)."""
+
+    steps: int = 0
+    lr: float = 1e-3
+    batch_size: int = 32
+    warmup_steps: int = 10
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: greedy accuracy and avg@k over several seeds."""
+
+    num_problems: int = 200
+    k: int = 4
+    seeds: tuple[int, ...] = (0, 1, 2)
+    temperature: float = 1.0
+    max_new_tokens: int | None = None
+    reward: str = "exact_answer"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Where metrics go: metrics.jsonl always; wandb `online|offline|disabled`."""
+
+    wandb: str = "offline"
+    project: str = "posttrain"
+    run_name: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    rewards: tuple[RewardConfig, ...] = (RewardConfig(),)
+    reward_timeout_s: float = 30.0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.tiny_size": ("tiny", "bench"),
+    "rollout.engine": ("vllm", "hf"),
+    "advantage.estimator": ("grpo", "dr_grpo", "batch_std", "rloo", "reinforce_pp", "opo"),
+    "loss.ratio_level": ("token", "sequence"),
+    "loss.aggregation": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
+    "kl.estimator": ("k1", "k2", "k3"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "train.algorithm": ("grpo", "sft"),
+    "log.wandb": ("online", "offline", "disabled"),
+}
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.4)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(options)}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        (item_tp, *_rest) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'{_closest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn `["a.b=1", "c=x"]` into a nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.subkey=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a Config from a plain (YAML-shaped) dict."""
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe, apply `a.b=value` overrides and validate.
+
+    Args:
+        path: a YAML file, or None for all defaults.
+        overrides: dotted `key=value` strings (values parsed as YAML).
+
+    Raises:
+        ConfigError: unknown key (naming the closest valid one), wrong type or impossible value.
+    """
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-dict form of a config (for logging and checkpoints)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple | list):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """Return a copy of `cfg` with some fields of some sections changed, validated."""
+    data = to_dict(cfg)
+    return config_from_dict(_merge(data, sections))
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks a type system cannot express; raises ConfigError naming the field."""
+    for dotted, options in CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value in options, f"{dotted}: {value!r} is not one of {', '.join(options)}")
+    r, t = cfg.rollout, cfg.train
+    _check(r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
+    if t.algorithm == "grpo":
+        _check(r.samples_per_prompt >= 2, "rollout.samples_per_prompt must be >= 2 for GRPO")
+        n = r.prompts_per_step * r.samples_per_prompt
+        _check(
+            n % t.micro_batch_size_per_device == 0,
+            f"train.micro_batch_size_per_device={t.micro_batch_size_per_device} must divide "
+            f"prompts_per_step * samples_per_prompt = {n}",
+        )
+        _check(len(cfg.rewards) >= 1, "rewards: GRPO needs at least one reward")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    _check(r.temperature > 0, "rollout.temperature must be > 0 (use eval for greedy decoding)")
+    _check(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
+    _check(t.steps >= 0, "train.steps must be >= 0")
+    _check(t.micro_batch_size_per_device >= 1, "train.micro_batch_size_per_device must be >= 1")
+    _check(t.updates_per_batch >= 1, "train.updates_per_batch must be >= 1")
+    _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
+    _check(cfg.loss.clip_low >= 0 and cfg.loss.clip_high >= 0, "loss.clip_low/clip_high >= 0")
+    _check(cfg.loss.clip_low < 1, "loss.clip_low must be < 1")
+    if cfg.loss.dual_clip_c is not None:
+        _check(cfg.loss.dual_clip_c > 1, "loss.dual_clip_c must be > 1 (e.g. 3) or null")
+    if cfg.loss.tis_cap is not None:
+        _check(cfg.loss.tis_cap >= 1, "loss.tis_cap must be >= 1 or null (off)")
+    _check(cfg.kl.coef >= 0, "kl.coef must be >= 0")
+    _check(cfg.optim.lr > 0, "optim.lr must be > 0")
+    _check(r.overlong_buffer < r.max_new_tokens, "rollout.overlong_buffer must be < max_new_tokens")
+    for i, rw in enumerate(cfg.rewards):
+        _check(rw.weight == rw.weight, f"rewards[{i}].weight must be a number")
+    _check(cfg.eval.k >= 1, "eval.k must be >= 1")
+    if cfg.model.path != "tiny" and Path(cfg.model.path).anchor == "/":
+        _check(
+            Path(cfg.model.path).is_dir(),
+            f"model.path: directory {cfg.model.path} does not exist (use 'tiny' for the "
+            "built-in model, a local directory or a hub name)",
+        )

@@ -1,0 +1,148 @@
+"""Load prompt rows from the built-in task, a local json/jsonl/parquet file, or a `datasets` name.
+
+Every column is kept, so the extra ones (``answer``, ``tests``, ``rubric``...) reach reward
+functions.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from posttrain.data import arithmetic
+from posttrain.errors import ConfigError
+
+ARITHMETIC = "arithmetic"
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_MAX_LISTED = 10
+
+
+def _local_format(source: str) -> str | None:
+    """The `datasets` builder for a local file path, or None when ``source`` is not one."""
+    return LOCAL_FORMATS.get(Path(source).suffix.lower())
+
+
+def _load_local(path: Path, builder: str, data_files_split: str) -> list[dict]:
+    import datasets
+
+    if not path.is_file():
+        raise ConfigError(f"data file {str(path)!r} does not exist (expected an existing file)")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"data file {str(path)!r} is empty (expected at least one row)")
+    try:
+        ds = datasets.load_dataset(
+            builder, data_files={data_files_split: str(path)}, split=data_files_split
+        )
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"could not read data file {str(path)!r} as {builder}: {cause}") from e
+    return ds.to_list()
+
+
+def _load_named(name: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except (FileNotFoundError, ConnectionError, ValueError) as e:
+        raise ConfigError(
+            f"dataset {name!r} (split {split!r}) could not be loaded: it is not 'arithmetic', "
+            f"not a local .json/.jsonl/.parquet file, and `datasets` said: {e}"
+        ) from e
+    return ds.to_list()
+
+
+def _is_empty(prompt: Any) -> bool:
+    if prompt is None:
+        return True
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    if isinstance(prompt, list):
+        return not prompt
+    return False
+
+
+def check_prompts(rows: list[dict], prompt_column: str, source: str) -> None:
+    """Raise ConfigError when the prompt column is missing or some prompts are empty.
+
+    Args:
+        rows: loaded rows.
+        prompt_column: column holding the prompt (text or a list of chat messages).
+        source: where the rows came from, for the message.
+    """
+    if not rows:
+        raise ConfigError(f"data source {source!r} has no rows")
+    columns = list(rows[0].keys())
+    if prompt_column not in columns:
+        raise ConfigError(
+            f"prompt_column={prompt_column!r} is not a column of {source!r}; available: {columns}"
+        )
+    empty = [i for i, row in enumerate(rows) if _is_empty(row.get(prompt_column))]
+    if empty:
+        shown = ", ".join(map(str, empty[:_MAX_LISTED])) + (
+            " ..." if len(empty) > _MAX_LISTED else ""
+        )
+        raise ConfigError(
+            f"{source!r}: {len(empty)} row(s) have an empty or missing {prompt_column!r} "
+            f"(row index {shown}); fix or remove them"
+        )
+
+
+def load_rows(
+    source: str,
+    *,
+    prompt_column: str = "prompt",
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    data_files_split: str = "train",
+    task_kwargs: dict[str, Any] | None = None,
+) -> list[dict]:
+    """Load rows as a list of dicts, all columns kept.
+
+    Args:
+        source: ``"arithmetic"`` (the built-in synthetic task), a local ``.json``/``.jsonl``/
+            ``.parquet`` file, or anything ``datasets.load_dataset(source, split=split)`` accepts
+            (hub names when online, local dataset folders).
+        prompt_column: column holding the prompt: text, or a list of ``{"role", "content"}``
+            messages.
+        split: split of the arithmetic task (``"train"``/``"test"``) or of a named dataset.
+            A local file is always read whole, whatever ``split`` is.
+        n: number of rows. For a file or named dataset, ``n`` rows are drawn by a shuffle seeded
+            with ``seed``; ``None`` keeps all rows in file order. Required for ``"arithmetic"``.
+        seed: shuffle seed (and the arithmetic task's sampling seed).
+        data_files_split: the split name under which a local file is registered with `datasets`.
+        task_kwargs: extra keyword arguments for ``arithmetic.make_split`` (e.g. ``max_operand``,
+            ``ops``).
+
+    Returns:
+        The rows.
+
+    Raises:
+        ConfigError: missing file, missing prompt column (lists the available columns), empty
+            prompts (lists their row indices), ``n`` larger than the data.
+    """
+    if n is not None and (not isinstance(n, int) or n < 0):
+        raise ConfigError(f"n={n!r} is not valid; use an integer >= 0 or None for all rows")
+    if source == ARITHMETIC:
+        if n is None:
+            raise ConfigError("n is required for source 'arithmetic' (number of rows to generate)")
+        rows = arithmetic.make_split(split, n, seed, **(task_kwargs or {}))
+        check_prompts(rows, prompt_column, source)
+        return rows
+    if task_kwargs:
+        raise ConfigError(f"task_kwargs are only valid for source 'arithmetic', not {source!r}")
+    builder = _local_format(source)
+    if builder is not None:
+        rows = _load_local(Path(source).expanduser(), builder, data_files_split)
+    else:
+        rows = _load_named(source, split)
+    check_prompts(rows, prompt_column, source)
+    if n is None:
+        return rows
+    if n > len(rows):
+        raise ConfigError(f"n={n} exceeds the {len(rows)} rows of {source!r}; use n <= {len(rows)}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in order[:n]]

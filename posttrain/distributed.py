@@ -1,0 +1,129 @@
+"""Process-group and DeepSpeed-engine setup, kept in one place.
+
+DeepSpeed is driven directly (not through accelerate): on CPU, accelerate 1.15's DeepSpeed
+integration misreports the number of processes. One process still gets a real (gloo) group so
+the same code path runs in tests, single-process runs and `torchrun` jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def on_gpu() -> bool:
+    """True when CUDA is available (the GPU build of everything is used)."""
+    return torch.cuda.is_available()
+
+
+def setup_environment() -> None:
+    """Fill in the env vars DeepSpeed needs for a single process launched without torchrun."""
+    if not on_gpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed once (gloo on CPU, nccl on GPU)."""
+    setup_environment()
+    if torch.distributed.is_initialized():
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False)
+    if on_gpu():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def rank() -> int:
+    """This process's global rank (0 when not distributed)."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """Number of training processes."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """True on rank 0."""
+    return rank() == 0
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    if on_gpu():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def all_reduce_sum(value: float) -> float:
+    """Sum a Python float over all ranks."""
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
+def barrier() -> None:
+    """Wait for all ranks (no-op when alone)."""
+    if torch.distributed.is_initialized() and world_size() > 1:
+        torch.distributed.barrier()
+
+
+def deepspeed_config(
+    *, zero_stage: int, micro_batch: int, max_grad_norm: float, dtype: str
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config the trainer uses.
+
+    Gradient accumulation is unmanaged: the trainer calls `backward` once per micro-batch and
+    `step` once per optimizer step, so the number of micro-batches may vary between steps.
+    """
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if dtype == "bfloat16":
+        cfg["bf16"] = {"enabled": True}
+    elif dtype == "float16":
+        cfg["fp16"] = {"enabled": True}
+    return cfg
+
+
+def build_engine(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    ds_config: dict[str, Any],
+) -> Any:
+    """Wrap model and optimizer in a DeepSpeed engine."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine

@@ -1,0 +1,235 @@
+"""Model loading (policy / reference) and the offline tiny-model builder.
+
+`make_tiny` writes a randomly initialised Qwen2ForCausalLM plus a byte-level character tokenizer
+with a Qwen-style chat template, so tests, the quickstart and benchmarks run without downloads.
+
+Tokenizer note: transformers 5 rebuilds the tokenizer of a `qwen2` model as a byte-level BPE from
+the saved vocab/merges, whatever `tokenizer_class` says. A plain character vocab would then drop
+spaces and newlines silently, so the vocab stores GPT-2 byte-level symbols (`Ġ` for a space, `Ċ` for
+a newline) in a BPE model with no merges, a ByteLevel pre-tokenizer and a ByteLevel decoder. Only
+printable ASCII, newline and tab are in the vocab; other characters are dropped on encode.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.errors import ConfigError
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+EOS_TOKEN = "<|im_end|>"
+SPECIAL_TOKENS = (PAD_TOKEN, IM_START, EOS_TOKEN)
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+TINY_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 384,
+        "max_position_embeddings": 512,
+    },
+    "bench": {
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "intermediate_size": 1408,
+        "max_position_embeddings": 2048,
+    },
+}
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character mapping."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def _char_vocab() -> dict[str, int]:
+    """Byte-level symbols of printable ASCII + newline + tab, then the special tokens."""
+    mapping = _bytes_to_unicode()
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]  # 95 printable + \t + \n
+    vocab = {mapping[ord(c)]: i for i, c in enumerate(chars)}
+    for tok in SPECIAL_TOKENS:
+        vocab[tok] = len(vocab)
+    return vocab
+
+
+def build_tokenizer() -> Any:
+    """Build the tiny byte-level character tokenizer (a `PreTrainedTokenizerFast`)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = _char_vocab()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=[IM_START],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=TINY_SIZES["bench"]["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a randomly initialised tiny Qwen2 model and its tokenizer to `out_dir`.
+
+    Args:
+        out_dir: directory to create (or overwrite); holds config.json, model.safetensors,
+            generation_config.json, tokenizer.json and tokenizer_config.json afterwards.
+        size: "tiny" (hidden 128, 4 layers, ~0.8M params) or "bench" (hidden 512, 8 layers, ~23.6M).
+        seed: torch seed for the weight initialisation (same seed -> identical weights).
+
+    Returns:
+        The output directory as a Path.
+    """
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    if size not in TINY_SIZES:
+        raise ConfigError(f"model.tiny_size={size!r}: valid sizes are {sorted(TINY_SIZES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+        **TINY_SIZES[size],
+    )
+    cpu_rng = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).to(torch.float32)
+    finally:
+        torch.random.set_rng_state(cpu_rng)
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _resolve(path: str | Path, what: str) -> str:
+    """Check a local model dir (must hold config.json); pass hub ids through unchanged."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"{what} {str(p)!r} is a file; expected a model directory")
+        if not (p / "config.json").is_file():
+            raise ConfigError(
+                f"{what} {str(p)!r} has no config.json; expected a directory written by "
+                "save_pretrained (or `posttrain make-tiny`)"
+            )
+        return str(p)
+    text = str(path)
+    if text.startswith((".", "/", "~")) or not _HUB_ID.match(text):
+        raise ConfigError(
+            f"{what} {text!r} does not exist; expected a model directory with config.json "
+            "or a hub name like 'Qwen/Qwen2.5-0.5B'"
+        )
+    return text
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={dtype!r}: valid values are {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """Load a tokenizer with AutoTokenizer; pad token falls back to EOS when missing."""
+    from transformers import AutoTokenizer
+
+    name = _resolve(path, "tokenizer path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise ConfigError(f"tokenizer path {name!r} could not be loaded: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_causal_lm(path: str | Path, dtype: str | torch.dtype, what: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    name = _resolve(path, what)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=_torch_dtype(dtype))
+    except OSError as exc:
+        raise ConfigError(f"{what} {name!r} could not be loaded: {exc}") from exc
+
+
+def load_policy(
+    path: str | Path, dtype: str | torch.dtype = "float32", gradient_checkpointing: bool = False
+) -> Any:
+    """Load the trainable policy (AutoModelForCausalLM) in train mode.
+
+    Args:
+        path: local model directory (with config.json) or hub name.
+        dtype: "float32" | "bfloat16" | "float16" (or a torch.dtype).
+        gradient_checkpointing: enable non-reentrant activation checkpointing (disables KV cache).
+    """
+    model = _load_causal_lm(path, dtype, "model.path")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    return model
+
+
+def load_reference(path: str | Path, dtype: str | torch.dtype = "float32") -> Any:
+    """Load a frozen reference model: eval mode, every parameter has requires_grad=False."""
+    model = _load_causal_lm(path, dtype, "model.ref_path")
+    model.eval()
+    model.requires_grad_(False)
+    return model

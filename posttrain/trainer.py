@@ -1,0 +1,277 @@
+"""The one training loop: algorithm-blind, on a DeepSpeed engine.
+
+    batch = algorithm.make_batch(step)           # rollouts, rewards, advantages... or SFT rows
+    for update in batch.updates:
+        for micro_batch in batch.micro_batches:
+            loss_share = algorithm.loss(engine(micro_batch), micro_batch)
+            engine.backward(loss_share * world_size)   # DeepSpeed averages over ranks
+        engine.step()                            # clip, AdamW, schedule
+    algorithm.after_step()                       # e.g. push weights into vLLM
+
+Loss shares are divided by global (whole-step, all-rank) denominators inside the algorithm, so
+micro-batch 1 x 8 and 8 x 1 and 2 ranks x 4 give the same gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain import checkpoint, report
+from posttrain import distributed as dist
+from posttrain.algorithms import build_algorithm
+from posttrain.algorithms.base import model_inputs
+from posttrain.config import Config, replace, to_dict
+from posttrain.errors import ConfigError
+from posttrain.logging import RunLogger, progress
+from posttrain.models import load_policy, load_tokenizer, make_tiny
+
+
+def lr_multiplier(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Learning-rate factor for optimizer step `step` (0-based): linear warm-up then decay.
+
+    Args:
+        step: optimizer steps already taken.
+        warmup: warm-up steps (factor rises linearly from 1/warmup to 1).
+        total: total optimizer steps of the run.
+        schedule: `cosine`, `linear` or `constant` decay after warm-up.
+        min_ratio: the factor at the end of the decay.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress_frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress_frac
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress_frac))
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_model_path(cfg: Config) -> str:
+    """`tiny` -> build the tiny model into the output dir (rank 0), else the configured path."""
+    if cfg.model.path != "tiny":
+        return cfg.model.path
+    out = Path(cfg.train.output_dir) / "tiny-model"
+    if dist.is_main() and not (out / "config.json").is_file():
+        make_tiny(out, size=cfg.model.tiny_size, seed=cfg.train.seed)
+    dist.barrier()
+    return str(out)
+
+
+class Trainer:
+    """Runs one algorithm for `train.steps` optimizer-step batches.
+
+    Args:
+        config: the whole run's Config.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.cfg = config
+        dist.init_distributed()
+        set_seed(config.train.seed)
+        self.out = Path(config.train.output_dir)
+        created = not self.out.exists()
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.model_path = self._warmup(resolve_model_path(config))
+            self.tokenizer = load_tokenizer(self.model_path)
+            self.engine = self._build_engine()
+            self.algorithm = build_algorithm(config, self.model_path, self.tokenizer, self.engine)
+        except ConfigError:
+            if created and dist.is_main():
+                shutil.rmtree(self.out, ignore_errors=True)  # a user mistake leaves nothing behind
+            raise
+        self.step = 0
+        self.logger: RunLogger | None = None
+        self.history: list[dict[str, float]] = []
+        self.eval_before: dict[str, float] = {}
+        self.eval_after: dict[str, float] = {}
+        self.final_checkpoint: Path | None = None
+
+    def _warmup(self, model_path: str) -> str:
+        """Run the optional SFT warm-up (once; reused on resume); return the model to train."""
+        cfg, w = self.cfg, self.cfg.warmup
+        if w.steps <= 0 or cfg.train.algorithm == "sft":
+            return model_path
+        out = self.out / "sft-warmup"
+        final = out / "checkpoints" / "final"
+        if not (final / checkpoint.STATE_FILE).is_file():
+            sub = replace(
+                cfg,
+                model={"path": model_path},
+                train={
+                    "algorithm": "sft",
+                    "steps": w.steps,
+                    "output_dir": str(out),
+                    "save_every": 0,
+                    "eval_every": 0,
+                    "resume": None,
+                    "sft_batch_size": w.batch_size,
+                },
+                optim={"lr": w.lr, "warmup_steps": w.warmup_steps},
+                warmup={"steps": 0},
+                eval={"num_problems": 0},
+            )
+            Trainer(sub).train()
+        return str(final)
+
+    def _build_engine(self) -> Any:
+        cfg = self.cfg
+        model = load_policy(
+            self.model_path,
+            dtype=cfg.model.dtype,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+        )
+        o = cfg.optim
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+        )
+
+        def factor(step: int) -> float:
+            return lr_multiplier(
+                step,
+                warmup=o.warmup_steps,
+                total=cfg.train.steps * cfg.train.updates_per_batch,
+                schedule=o.schedule,
+                min_ratio=o.min_lr_ratio,
+            )
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        ds_cfg = dist.deepspeed_config(
+            zero_stage=cfg.train.zero_stage,
+            micro_batch=cfg.train.micro_batch_size_per_device,
+            max_grad_norm=o.max_grad_norm,
+            dtype=cfg.model.dtype,
+        )
+        return dist.build_engine(model, optimizer, scheduler, ds_cfg)
+
+    # ----------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        """Trainer state saved in every checkpoint."""
+        return {"step": self.step, "algorithm": self.algorithm.state_dict()}
+
+    def save(self, name: str | None = None) -> Path:
+        """Write an atomic checkpoint under `<output_dir>/checkpoints/`."""
+        ckpt = self.out / "checkpoints" / (name or f"step-{self.step:06d}")
+        return checkpoint.save(ckpt, self.engine, self.tokenizer, self.state())
+
+    def resume(self, path: str | Path) -> None:
+        """Restore a checkpoint (`auto` = the newest one in this run's output dir)."""
+        if str(path) == "auto":
+            found = checkpoint.latest(self.out / "checkpoints")
+            if found is None:
+                return
+            path = found
+        state = checkpoint.load(Path(path), self.engine)
+        self.step = int(state["step"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.algorithm.after_step(self.engine, self.step)
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self) -> dict[str, float]:
+        """One batch: make it, run its updates, sync; returns the step's metrics."""
+        t0 = time.perf_counter()
+        batch = self.algorithm.make_batch(self.step, self.engine)
+        t_batch = time.perf_counter()
+        world = dist.world_size()
+        totals: dict[str, float] = {}
+        grad_norms = []
+        for _ in range(batch.updates):
+            for mb in batch.micro_batches:
+                outputs = self.engine(**model_inputs(mb))
+                loss, shares = self.algorithm.loss(outputs, mb)
+                self.engine.backward(loss * world, scale_wrt_gas=False)
+                shares = {"loss": float(loss.detach()), **shares}
+                for k, v in shares.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                grad_norms.append(float(norm))
+        t_train = time.perf_counter()
+        metrics = {k: dist.all_reduce_sum(v) / batch.updates for k, v in totals.items()}
+        metrics.update(batch.metrics)
+        metrics.update(self.algorithm.after_step(self.engine, self.step + 1))
+        t_end = time.perf_counter()
+        if grad_norms:
+            metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["lr"] = float(self.engine.get_lr()[0])
+        metrics["time/train_s"] = t_train - t_batch
+        metrics["time/step_s"] = t_end - t0
+        self.step += 1
+        return metrics
+
+    def train(self) -> list[dict[str, float]]:
+        """Run until `train.steps`; evaluate before and after; returns the per-step metrics."""
+        cfg = self.cfg
+        if cfg.train.resume:
+            self.resume(cfg.train.resume)
+        self.logger = RunLogger(
+            self.out,
+            wandb_mode=cfg.log.wandb,
+            project=cfg.log.project,
+            run_name=cfg.log.run_name,
+            config=to_dict(cfg),
+        )
+        run_eval = cfg.eval.num_problems > 0 and hasattr(self.algorithm, "evaluate")
+        if run_eval and self.step == 0:
+            self.eval_before = self.algorithm.evaluate(0)
+            self.logger.log(0, self.eval_before)
+        bar = progress(cfg.train.steps, desc=cfg.train.algorithm) if cfg.log.progress else None
+        if bar is not None:
+            bar.update(self.step)
+        try:
+            while self.step < cfg.train.steps:
+                metrics = self.train_step()
+                self._after_metrics(metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(_postfix(metrics), refresh=False)
+            if bar is not None:
+                bar.close()
+                bar = None
+            if run_eval:
+                self.eval_after = self.algorithm.evaluate(self.step)
+                self.logger.log(self.step, self.eval_after)
+            if self.step > 0:
+                self.final_checkpoint = self.save("final")
+        finally:
+            if bar is not None:
+                bar.close()
+            self.logger.close()
+        if dist.is_main():
+            report.finish(self, run_eval)
+        return self.history
+
+    def _after_metrics(self, metrics: dict[str, float]) -> None:
+        cfg = self.cfg
+        if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+            metrics.update(self.algorithm.evaluate(self.step))
+        self.history.append(metrics)
+        assert self.logger is not None
+        self.logger.log(self.step, metrics)
+        if cfg.train.save_every and self.step % cfg.train.save_every == 0:
+            self.save()
+
+
+def _postfix(metrics: dict[str, float]) -> dict[str, str]:
+    keys = ("loss", "reward/total/mean", "accuracy", "time/step_s")
+    return {k.split("/")[-2] if "/" in k else k: f"{metrics[k]:.3g}" for k in keys if k in metrics}

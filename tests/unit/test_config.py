@@ -1,0 +1,96 @@
+"""Config loading: YAML + overrides, unknown keys, types, impossible values, every recipe."""
+
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import Config, load_config, parse_overrides, to_dict
+from posttrain.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_defaults_validate():
+    cfg = load_config(None)
+    assert isinstance(cfg, Config)
+    assert cfg.advantage.estimator == "grpo"
+    assert cfg.loss.aggregation == "token_mean"
+    assert cfg.kl.estimator == "k3" and cfg.kl.coef == 0.0
+    assert cfg.loss.tis_cap == 2.0
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert cfg.train.steps >= 0
+
+
+def test_recipes_exist():
+    assert (ROOT / "recipes" / "quickstart.yaml") in RECIPES
+
+
+def test_overrides_parse_yaml_scalars():
+    tree = parse_overrides(
+        ["train.steps=3", "loss.dual_clip_c=3", "log.run_name=abc", "kl.coef=0.04"]
+    )
+    assert tree == {
+        "train": {"steps": 3},
+        "loss": {"dual_clip_c": 3},
+        "log": {"run_name": "abc"},
+        "kl": {"coef": 0.04},
+    }
+    cfg = load_config(None, ["train.steps=3", "loss.dual_clip_c=3", "kl.coef=0.04"])
+    assert cfg.train.steps == 3 and cfg.loss.dual_clip_c == 3.0 and cfg.kl.coef == 0.04
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("rollout:\n  samples_per_promt: 4\n")
+    with pytest.raises(
+        ConfigError, match=r"rollout\.samples_per_promt.*did you mean 'samples_per_prompt'"
+    ):
+        load_config(p)
+    with pytest.raises(ConfigError, match="did you mean 'optim'"):
+        load_config(None, ["optm.lr=1"])
+
+
+def test_wrong_type_names_field():
+    with pytest.raises(ConfigError, match=r"train\.steps: expected an integer, got 'many'"):
+        load_config(None, ["train.steps=many"])
+    with pytest.raises(ConfigError, match=r"rollout\.mask_truncated: expected true or false"):
+        load_config(None, ["rollout.mask_truncated=3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rollout.samples_per_prompt=1", r"samples_per_prompt must be >= 2 for GRPO"),
+        ("advantage.estimator=ppo", r"advantage\.estimator: 'ppo' is not one of grpo"),
+        ("loss.aggregation=mean", r"loss\.aggregation: 'mean' is not one of"),
+        ("train.micro_batch_size_per_device=5", r"micro_batch_size_per_device=5 must divide"),
+        ("kl.estimator=k4", r"kl\.estimator"),
+        ("loss.tis_cap=0.5", r"loss\.tis_cap must be >= 1"),
+        ("model.path=/nonexistent/model", r"model\.path: directory /nonexistent/model does not"),
+    ],
+)
+def test_impossible_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_rewards_list_and_roundtrip():
+    cfg = load_config(None, ["rewards=[{name: exact_answer, weight: 2}, {name: format_number}]"])
+    assert [r.name for r in cfg.rewards] == ["exact_answer", "format_number"]
+    assert cfg.rewards[0].weight == 2.0
+    again = load_config(None, [])
+    assert to_dict(again)["rewards"][0]["name"] == "exact_answer"
