@@ -38,6 +38,7 @@ class DataConfig:
     """Where prompts come from. `source: arithmetic` is the built-in synthetic task."""
 
     source: str = "arithmetic"
+    task: dict = field(default_factory=dict)
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     train_size: int | None = 4000

@@ -156,8 +156,13 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     return out
 
 
-def _resolve(path: str | Path, what: str) -> str:
-    """Check a local model dir (must hold config.json); pass hub ids through unchanged."""
+def resolve_model_path(path: str | Path, what: str = "model.path") -> str:
+    """Check a local model dir (must hold config.json); pass hub ids through unchanged.
+
+    Raises:
+        ConfigError: naming `what` and the path, when a local path is missing, is a file, lacks
+            config.json, or the string cannot be a hub name.
+    """
     p = Path(path).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -189,7 +194,7 @@ def load_tokenizer(path: str | Path) -> Any:
     """Load a tokenizer with AutoTokenizer; pad token falls back to EOS when missing."""
     from transformers import AutoTokenizer
 
-    name = _resolve(path, "tokenizer path")
+    name = resolve_model_path(path, "tokenizer path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as exc:
@@ -202,7 +207,7 @@ def load_tokenizer(path: str | Path) -> Any:
 def _load_causal_lm(path: str | Path, dtype: str | torch.dtype, what: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    name = _resolve(path, what)
+    name = resolve_model_path(path, what)
     try:
         return AutoModelForCausalLM.from_pretrained(name, dtype=_torch_dtype(dtype))
     except OSError as exc:

@@ -216,6 +216,11 @@ class Trainer:
         metrics["lr"] = float(self.engine.get_lr()[0])
         metrics["time/train_s"] = t_train - t_batch
         metrics["time/step_s"] = t_end - t0
+        if metrics.get("time/generate_s") and "tokens/generated" in metrics:
+            metrics["throughput/generate_tokens_per_s"] = (
+                metrics["tokens/generated"] / metrics["time/generate_s"]
+            )
+        metrics["throughput/step_tokens_per_s"] = batch_tokens(batch) / max(t_end - t0, 1e-9)
         self.step += 1
         return metrics
 
@@ -270,6 +275,12 @@ class Trainer:
         self.logger.log(self.step, metrics)
         if cfg.train.save_every and self.step % cfg.train.save_every == 0:
             self.save()
+
+
+def batch_tokens(batch: Any) -> float:
+    """Non-pad tokens in a batch (all ranks), for tokens/s."""
+    local = sum(float(mb["attention_mask"].sum()) for mb in batch.micro_batches)
+    return dist.all_reduce_sum(local)
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:

@@ -128,9 +128,10 @@ def _start(
     return call
 
 
-def _wait(call: _Call) -> None:
+def _wait(call: _Call) -> bool:
+    """Wait until the call's deadline; True if it finished in time."""
     remaining = None if call.deadline is None else max(0.0, call.deadline - time.monotonic())
-    call.done.wait(remaining)
+    return call.done.wait(remaining)
 
 
 def _accepted_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -149,9 +150,11 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _validate(call: _Call, n: int) -> tuple[list[float | None], list[str | None], str]:
+def _validate(
+    call: _Call, in_time: bool, n: int
+) -> tuple[list[float | None], list[str | None], str]:
     """Turn a finished (or not) call into ([N] scores, [N] reasons, detail for the log)."""
-    if not call.done.is_set():
+    if not in_time:
         return [None] * n, ["timeout"] * n, "did not finish in time"
     if call.error is not None:
         reason = "timeout" if isinstance(call.error, TimeoutError) else "exception"
@@ -247,7 +250,9 @@ def score(
         RewardResult with [N] totals, per-reward scores, error counts, per-sample reasons, seconds.
 
     Raises:
-        ValueError: caller errors only (unknown reward, missing column, misaligned lists).
+        ValueError: caller errors only: unknown reward, missing column, duplicate spec
+            (``RewardConfigError``), misaligned lists.
+        ImportError: a requested reward's module cannot be imported.
     """
     from rewards.registry import check_columns, get_reward
 
@@ -270,16 +275,16 @@ def score(
     errors: dict[str, int] = {}
     seconds: dict[str, float] = {}
     for name, call in calls.items():
-        _wait(call)
-        end = call.finished if call.done.is_set() and call.finished else time.monotonic()
+        in_time = _wait(call)
+        end = call.finished if in_time and call.finished is not None else time.monotonic()
         seconds[name] = end - call.started
-        scores, reasons, detail = _validate(call, n)
+        scores, reasons, detail = _validate(call, in_time, n)
         per_reward[name], per_reasons[name] = scores, reasons
         for r in reasons:
             if r is not None:
                 key = f"reward/{name}/errors/{r}"
                 errors[key] = errors.get(key, 0) + 1
-        _log(name, reasons, detail, call.error)
+        _log(name, reasons, detail, call.error if in_time else None)
 
     total = _weighted_total(spec_list, per_reward, n)
     sample_reasons = [

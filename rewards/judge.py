@@ -1,25 +1,28 @@
-"""LLM judge over any OpenAI-compatible ``/v1/chat/completions`` endpoint, and a model-based verifier.
+"""LLM judge over any OpenAI-compatible ``/v1/chat/completions`` endpoint; model-based verifier.
 
-``JudgeClient`` sends chat requests with httpx (async, at most ``max_concurrency`` in flight per batch),
-retries timeouts, connection errors, HTTP 5xx and 429 with exponential backoff
-(``backoff_s * 2**attempt`` seconds before retry ``attempt + 1``; other 4xx are not retried), parses the
-judge's answer strictly (one JSON object in the message content, fields validated by the caller) and caches
-valid answers in memory and optionally in a jsonl file, keyed by a hash of (task, prompt, completion,
-rubric/reference, judge model). A failed or invalid judgement is ``None`` with a reason, never 0.
+``JudgeClient`` sends chat requests with httpx (async, at most ``max_concurrency`` in flight per
+batch), retries timeouts, connection errors, HTTP 5xx and 429 with exponential backoff
+(``backoff_s * 2**attempt`` seconds before retry ``attempt + 1``; other 4xx are not retried), parses
+the judge's answer strictly (one JSON object in the message content, fields validated by the caller)
+and caches valid answers in memory and optionally in a jsonl file, keyed by a hash of (task, prompt,
+completion, rubric/reference, judge model). A failed or invalid judgement is None with a reason,
+never 0.
 
 Reasons (short slugs, usable in metric names): ``timeout``, ``connection_error``, ``http_<status>``,
-``bad_response`` (HTTP 200 without a chat message), ``unparseable`` (no JSON object in the message),
-``invalid_answer`` (JSON with missing/out-of-range fields), ``no_reference``.
+``http_error`` (other httpx errors), ``bad_response`` (HTTP 200 without a chat message),
+``unparseable`` (no JSON object in the message), ``invalid_answer`` (JSON with missing or
+out-of-range fields), ``no_reference``.
 
-``judge_verifier`` is the soft, model-based verifier of "Expanding RL with Verifiable Rewards Across Diverse
-Domains" (Su et al., 2025): the judge compares the completion with the reference answer and returns a score
-in [0, 1] (1 = the response's final answer is equivalent to the reference).
+``judge_verifier`` is the soft model-based verifier of "Expanding RL with Verifiable Rewards Across
+Diverse Domains" (Su et al., 2025): the judge compares the completion with the reference answer and
+returns a score in [0, 1] (1 = the response's final answer is equivalent to the reference).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -42,27 +45,12 @@ T = TypeVar("T")
 
 TEMPLATE_VERSION = "judge-v1"
 DEFAULT_API_KEY_ENV = "JUDGE_API_KEY"
-CLIENT_OPTIONS = frozenset(
-    {
-        "api_key",
-        "api_key_env",
-        "max_concurrency",
-        "timeout_s",
-        "max_retries",
-        "backoff_s",
-        "cache_path",
-        "temperature",
-        "max_tokens",
-        "json_mode",
-        "check",
-    }
-)
 _EXCERPT = 120
 _THINK = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
 _FENCE = re.compile(r"```(?:json)?\s*\n?(.*?)\n?\s*```", re.DOTALL)
 
 
-class JudgeUnreachable(ConfigError):
+class JudgeUnreachableError(ConfigError):
     """The judge server could not be reached (or refused our key) at start-up."""
 
 
@@ -70,7 +58,7 @@ class JudgeParseError(ValueError):
     """The judge's message is not exactly one JSON object."""
 
 
-class InvalidJudgeAnswer(ValueError):
+class InvalidJudgeAnswerError(ValueError):
     """The judge's JSON object lacks a field or has one out of range."""
 
 
@@ -82,7 +70,7 @@ class JudgeRequest:
         messages: chat messages ``[{"role": ..., "content": ...}]`` sent to the judge.
         key_parts: what identifies the judgement for the cache (task, prompt, completion, rubric or
             reference); the judge model and template version are added by the client.
-        validate: maps the parsed JSON object to the value to keep; raises InvalidJudgeAnswer.
+        validate: maps the parsed JSON object to the value to keep; raises InvalidJudgeAnswerError.
     """
 
     messages: list[dict[str, str]]
@@ -147,14 +135,14 @@ def parse_json_object(content: str) -> dict:
 
 
 def check_unit_score(obj: dict, field_name: str = "score") -> float:
-    """Return ``obj[field_name]`` as a float in [0, 1]; raise InvalidJudgeAnswer otherwise."""
+    """Return ``obj[field_name]`` as a float in [0, 1]; raise InvalidJudgeAnswerError otherwise."""
     if field_name not in obj:
-        raise InvalidJudgeAnswer(f"missing field {field_name!r} (keys: {sorted(obj)})")
+        raise InvalidJudgeAnswerError(f"missing field {field_name!r} (keys: {sorted(obj)})")
     value = obj[field_name]
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidJudgeAnswer(f"{field_name}={value!r} is not a finite number")
+        raise InvalidJudgeAnswerError(f"{field_name}={value!r} is not a finite number")
     if not 0.0 <= value <= 1.0:
-        raise InvalidJudgeAnswer(f"{field_name}={value!r} is outside [0, 1]")
+        raise InvalidJudgeAnswerError(f"{field_name}={value!r} is outside [0, 1]")
     return float(value)
 
 
@@ -166,7 +154,7 @@ def cache_key(parts: dict[str, Any], model: str) -> str:
 
 
 class _Cache:
-    """In-memory dict of valid answers, mirrored to an append-only jsonl file when a path is given."""
+    """In-memory dict of valid judge answers (parsed JSON objects), mirrored to a jsonl file."""
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path is not None else None
@@ -200,7 +188,7 @@ class _Cache:
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to completion, also from code already inside a running event loop (via a thread)."""
+    """Run ``coro`` to completion, also from inside a running event loop (then in a thread)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -226,7 +214,7 @@ class _Attempt:
 
 @dataclass
 class JudgeStats:
-    """Counters since the client was made: HTTP requests sent, cache hits, judgements that failed."""
+    """Counters since the client was made: HTTP attempts, cache hits, failures by reason."""
 
     requests: int = 0
     cache_hits: int = 0
@@ -250,7 +238,7 @@ class JudgeClient:
         cache_path: optional jsonl file mirroring the answer cache (loaded at start, appended to).
         temperature: sampling temperature sent to the judge.
         max_tokens: completion token limit sent to the judge.
-        json_mode: also send ``response_format={"type": "json_object"}`` (vLLM and OpenAI support it).
+        json_mode: also send ``response_format={"type": "json_object"}`` (vLLM, OpenAI).
     """
 
     def __init__(
@@ -301,27 +289,28 @@ class JudgeClient:
         return headers
 
     def check_reachable(self) -> None:
-        """GET ``<root>/v1/models``; raise JudgeUnreachable naming the URL if the server can't be used.
+        """GET ``<root>/v1/models``; raise JudgeUnreachableError naming the URL if unusable.
 
-        Raises when the connection fails or times out, on 401/403 (naming ``api_key_env``), and when the
-        server lists its models and ``model`` is not among them. Other HTTP answers count as reachable.
+        Raises when the connection fails or times out, on 401/403 (naming ``api_key_env``), and
+        when the server lists its models and ``model`` is not among them. Other HTTP answers count
+        as reachable.
         """
         try:
             with httpx.Client(timeout=min(self.timeout_s, 10.0)) as http:
                 resp = http.get(self.models_url, headers=self._headers())
         except httpx.HTTPError as e:
-            raise JudgeUnreachable(
+            raise JudgeUnreachableError(
                 f"judge server {self.base_url!r} is unreachable (GET {self.models_url}: "
                 f"{type(e).__name__}: {e}); start it or fix base_url"
             ) from e
         if resp.status_code in (401, 403):
-            raise JudgeUnreachable(
+            raise JudgeUnreachableError(
                 f"judge server {self.base_url!r} refused the API key (HTTP {resp.status_code}); "
                 f"set api_key or the env var {self.api_key_env}"
             )
         served = _served_models(resp)
         if served is not None and self.model not in served:
-            raise JudgeUnreachable(
+            raise JudgeUnreachableError(
                 f"judge server {self.base_url!r} does not serve model {self.model!r}; "
                 f"it serves {served}"
             )
@@ -362,13 +351,13 @@ class JudgeClient:
         return [r for r in results if r is not None]
 
     def _cached(self, key: str, req: JudgeRequest) -> JudgeResult | None:
-        value = self.cache.get(key)
-        if value is None:
+        answer = self.cache.get(key)  # the judge's parsed JSON object, validated again on use
+        if answer is None:
             return None
         try:
-            return JudgeResult(req.validate(value), cached=True)
-        except InvalidJudgeAnswer:
-            return None  # a stale entry from another template: judge again
+            return JudgeResult(req.validate(answer), cached=True)
+        except InvalidJudgeAnswerError:
+            return None  # a stale entry: judge again
 
     async def _judge_one(
         self, http: httpx.AsyncClient, sem: asyncio.Semaphore, key: str, req: JudgeRequest
@@ -377,12 +366,13 @@ class JudgeClient:
         if attempt.content is None:
             return self._failed(attempt.reason or "bad_response", attempt.detail)
         try:
-            value = req.validate(parse_json_object(attempt.content))
+            answer = parse_json_object(attempt.content)
+            value = req.validate(answer)
         except JudgeParseError as e:
             return self._failed("unparseable", str(e))
-        except InvalidJudgeAnswer as e:
+        except InvalidJudgeAnswerError as e:
             return self._failed("invalid_answer", f"{e} in {_excerpt(attempt.content)}")
-        self.cache.put(key, value)
+        self.cache.put(key, answer)
         return JudgeResult(value)
 
     def _failed(self, reason: str, detail: str) -> JudgeResult:
@@ -420,6 +410,8 @@ class JudgeClient:
             return _Attempt(None, "timeout", f"no answer within {self.timeout_s:g}s", True)
         except httpx.TransportError as e:
             return _Attempt(None, "connection_error", f"{type(e).__name__}: {e}", True)
+        except httpx.HTTPError as e:  # e.g. too many redirects: retrying won't help
+            return _Attempt(None, "http_error", f"{type(e).__name__}: {e}")
         if resp.status_code != 200:
             retry = resp.status_code >= 500 or resp.status_code == 429
             return _Attempt(None, f"http_{resp.status_code}", _excerpt(resp.text), retry)
@@ -430,6 +422,10 @@ class JudgeClient:
         if not isinstance(content, str):
             return _Attempt(None, "bad_response", f"message content is {type(content).__name__}")
         return _Attempt(content)
+
+
+_CLIENT_KW = frozenset(inspect.signature(JudgeClient).parameters) - {"base_url", "model"}
+CLIENT_OPTIONS = _CLIENT_KW | {"check"}  # JudgeClient's keyword options + get_client's `check`
 
 
 def _is_num(x: Any) -> bool:
@@ -487,8 +483,8 @@ def reset_clients() -> None:
 def split_options(kw: dict[str, Any], n: int, fn_name: str) -> dict[str, Any]:
     """Keep the judge options of ``kw``; drop extra dataset columns (lists of length ``n``).
 
-    Reward functions receive every dataset column as a keyword, so columns are ignored, but any other
-    unknown keyword is a typo and raises ConfigError.
+    Reward functions receive every dataset column as a keyword, so columns are ignored, but any
+    other unknown keyword is a typo and raises ConfigError.
     """
     options = {}
     for name, value in kw.items():
@@ -496,7 +492,8 @@ def split_options(kw: dict[str, Any], n: int, fn_name: str) -> dict[str, Any]:
             options[name] = value
         elif not (isinstance(value, list | tuple) and len(value) == n):
             raise ConfigError(
-                f"{fn_name}: unknown option {name!r}; valid: base_url, model, {sorted(CLIENT_OPTIONS)}"
+                f"{fn_name}: unknown option {name!r}; valid: base_url, model, "
+                f"{sorted(CLIENT_OPTIONS)}"
             )
     return options
 
@@ -519,10 +516,10 @@ def check_lengths(prompts: Sequence, completions: Sequence, **columns: Sequence 
 
 
 VERIFIER_SYSTEM = (
-    "You are an expert grader. You see a question, a reference answer and a response. Decide whether "
-    "the final answer of the response is equivalent to the reference answer (same meaning or value; "
-    "ignore formatting, units written differently and extra explanation; a missing or hedged final "
-    "answer is not equivalent). Reply with exactly one JSON object and nothing else: "
+    "You are an expert grader. You see a question, a reference answer and a response. Decide "
+    "whether the final answer of the response is equivalent to the reference answer (same meaning "
+    "or value; ignore formatting, units written differently and extra explanation; a missing or "
+    "hedged final answer is not equivalent). Reply with exactly one JSON object and nothing else: "
     '{"score": s} where s is a number in [0, 1]: 1 if equivalent, 0 if not, in between only when '
     "the response is partially correct or you are unsure."
 )
@@ -597,12 +594,12 @@ def judge_verifier(
         model: judge model name.
         **kw: JudgeClient options (``api_key``, ``api_key_env``, ``max_concurrency``, ``timeout_s``,
             ``max_retries``, ``backoff_s``, ``cache_path``, ``temperature``, ``max_tokens``,
-            ``json_mode``) and ``check`` (run check_reachable on first use, default True); other dataset
-            columns are ignored.
+            ``json_mode``) and ``check`` (run check_reachable on first use, default True); other
+            dataset columns are ignored.
 
     Returns:
-        N scores in [0, 1]; None where the judge failed. The per-sample JudgeResults (with ``reason``)
-        of the last call are in ``judge_verifier.last_results``.
+        N scores in [0, 1]; None where the judge failed. The per-sample JudgeResults (with
+        ``reason``) of the last call are in ``judge_verifier.last_results``.
     """
     results = judge_verifier_detailed(
         prompts, completions, answer, base_url=base_url, model=model, **kw

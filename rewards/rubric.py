@@ -1,14 +1,14 @@
-"""Rubrics as Rewards (Gunjal et al., 2025): an LLM judge grades a completion against a weighted rubric.
+"""Rubrics as Rewards (Gunjal et al., 2025): an LLM judge grades a completion against a rubric.
 
-A rubric is a list of items ``{criterion: str, kind: essential|important|optional|pitfall, weight: float > 0}``
-(optional ``title: str``). ``weight`` defaults by kind (``DEFAULT_WEIGHTS``): essential 1.0, important 0.7,
-optional 0.3, pitfall 0.9. A *pitfall* criterion describes a mistake (e.g. "Claims that 'antibiotics' cure
-viral infections"); the judge marks it satisfied when the response makes that mistake, and its weight is
-subtracted.
+A rubric is a list of items ``{criterion: str, kind: essential|important|optional|pitfall,
+weight: float > 0}`` (optional ``title: str``). ``weight`` defaults by kind (``DEFAULT_WEIGHTS``):
+essential 1.0, important 0.7, optional 0.3, pitfall 0.9. A *pitfall* criterion describes a mistake
+(e.g. "Claims that 'antibiotics' cure viral infections"); the judge marks it satisfied when the
+response makes that mistake, and its weight is subtracted.
 
 Aggregation:
-- ``explicit``: the judge returns, per item, whether it is satisfied; with P the non-pitfall items, F the
-  pitfalls and s_i in {0, 1}:
+- ``explicit``: the judge returns, per item, whether it is satisfied; with P the non-pitfall items,
+  F the pitfalls and s_i in {0, 1}:
 
       score = clip((sum_{i in P} w_i * s_i - sum_{j in F} w_j * s_j) / sum_{i in P} w_i, 0, 1)
 
@@ -30,7 +30,7 @@ import yaml
 
 from posttrain.errors import ConfigError
 from rewards.judge import (
-    InvalidJudgeAnswer,
+    InvalidJudgeAnswerError,
     JudgeRequest,
     JudgeResult,
     check_lengths,
@@ -73,7 +73,7 @@ class Rubric:
         return sum(it.weight for it in self.items if not it.is_pitfall)
 
     def explicit_score(self, satisfied: Sequence[bool]) -> float:
-        """``clip((satisfied positive weight - triggered pitfall weight) / positive_total, 0, 1)``."""
+        """``clip((satisfied positive weight - made pitfall weight) / positive_total, 0, 1)``."""
         if len(satisfied) != len(self.items):
             raise ValueError(f"{len(satisfied)} verdicts for {len(self.items)} rubric items")
         pairs = list(zip(self.items, satisfied, strict=True))
@@ -138,7 +138,8 @@ def _parse_item(raw: Any, where: str) -> RubricItem:
     if not valid_number or not math.isfinite(weight) or weight <= 0:
         raise ConfigError(
             f"{where}.weight={weight!r} must be a number > 0 (pitfalls are subtracted by kind, so "
-            f"give their weight as a positive number; omit it for the default {DEFAULT_WEIGHTS[kind]})"
+            f"give their weight as a positive number; omit it for the default "
+            f"{DEFAULT_WEIGHTS[kind]})"
         )
     title = raw.get("title")
     if title is not None and not isinstance(title, str):
@@ -150,8 +151,8 @@ def parse_rubric(obj_or_path: Any) -> Rubric:
     """Validate a rubric.
 
     Args:
-        obj_or_path: a Rubric; a list of item mappings; a mapping ``{"rubric": [...]}``; a path (str or
-            Path ending in .yaml/.yml/.json) to a file holding either; or JSON text of either.
+        obj_or_path: a Rubric; a list of item mappings; a mapping ``{"rubric": [...]}``; a path
+            (str or Path ending in .yaml/.yml/.json) to a file holding either; or JSON text.
 
     Returns:
         The Rubric, weights resolved (DEFAULT_WEIGHTS by kind when omitted).
@@ -165,12 +166,14 @@ def parse_rubric(obj_or_path: Any) -> Rubric:
     if isinstance(data, dict):
         if set(data) != {"rubric"}:
             raise ConfigError(
-                f"{where} mapping must have the single key 'rubric' (a list of items), got {sorted(data)}"
+                f"{where} mapping must have the single key 'rubric' (a list of items), "
+                f"got {sorted(data)}"
             )
         data = data["rubric"]
     if not isinstance(data, list) or not data:
         raise ConfigError(
-            f"{where} must be a non-empty list of items {{criterion, kind, weight}}, got {data!r:.80}"
+            f"{where} must be a non-empty list of items {{criterion, kind, weight}}, "
+            f"got {data!r:.80}"
         )
     items = tuple(_parse_item(raw, f"{where}[{i}]") for i, raw in enumerate(data))
     if all(it.is_pitfall for it in items):
@@ -208,9 +211,10 @@ class RubricSample:
 
 _SYSTEM_COMMON = (
     "You are a strict expert grader. You see a question, a response and a rubric of numbered "
-    "criteria, each with a kind (essential, important, optional or pitfall) and a weight. Criteria of "
-    "kind pitfall describe a mistake; a pitfall is satisfied only if the response makes that mistake. "
-    "Judge the response only, and reply with exactly one JSON object and nothing else: "
+    "criteria, each with a kind (essential, important, optional or pitfall) and a weight. "
+    "Criteria of kind pitfall describe a mistake; a pitfall is satisfied only if the response "
+    "makes that mistake. Judge the response only, and reply with exactly one JSON object and "
+    "nothing else: "
 )
 EXPLICIT_SYSTEM = _SYSTEM_COMMON + (
     'for every criterion, whether it is satisfied: {"items": [{"id": 1, "satisfied": true}, '
@@ -234,7 +238,7 @@ def _explicit_validator(n_items: int):
     def validate(obj: dict) -> dict:
         entries = obj.get("items")
         if not isinstance(entries, list):
-            raise InvalidJudgeAnswer(f"field 'items' must be a list, got {entries!r:.80}")
+            raise InvalidJudgeAnswerError(f"field 'items' must be a list, got {entries!r:.80}")
         verdicts: dict[int, bool] = {}
         for e in entries:
             ok = (
@@ -243,15 +247,17 @@ def _explicit_validator(n_items: int):
                 and not isinstance(e["id"], bool)
             )
             if not ok or not isinstance(e.get("satisfied"), bool):
-                raise InvalidJudgeAnswer(
+                raise InvalidJudgeAnswerError(
                     f"item {e!r:.80} needs an integer 'id' and boolean 'satisfied'"
                 )
             if not 1 <= e["id"] <= n_items or e["id"] in verdicts:
-                raise InvalidJudgeAnswer(f"item id {e['id']} is out of 1..{n_items} or repeated")
+                raise InvalidJudgeAnswerError(
+                    f"item id {e['id']} is out of 1..{n_items} or repeated"
+                )
             verdicts[e["id"]] = e["satisfied"]
         if len(verdicts) != n_items:
             missing = sorted(set(range(1, n_items + 1)) - set(verdicts))
-            raise InvalidJudgeAnswer(f"no verdict for criteria {missing}")
+            raise InvalidJudgeAnswerError(f"no verdict for criteria {missing}")
         return {"satisfied": [verdicts[i] for i in range(1, n_items + 1)]}
 
     return validate
@@ -302,15 +308,18 @@ def _to_sample(rubric: Rubric, aggregation: str, res: JudgeResult) -> RubricSamp
 
 def _per_sample_rubrics(rubric: Any, n: int) -> list[Rubric | None]:
     """One Rubric (or None) per sample from a shared rubric or a per-sample column."""
-    shared = isinstance(rubric, str | Path | dict | Rubric) or (
-        isinstance(rubric, list) and any(isinstance(x, dict) and "criterion" in x for x in rubric)
+    items_list = (  # a list of item mappings, not a column of {"rubric": [...]} mappings
+        isinstance(rubric, list)
+        and all(isinstance(x, dict) for x in rubric)
+        and not all(set(x) == {"rubric"} for x in rubric)
     )
+    shared = isinstance(rubric, str | Path | dict | Rubric) or items_list
     if shared:
         return [parse_rubric(rubric)] * n
     if not isinstance(rubric, list | tuple) or len(rubric) != n:
         raise ConfigError(
-            f"rubric must be one rubric (list of items, file path or JSON) or a column with one per "
-            f"completion ({n}), got {type(rubric).__name__}"
+            f"rubric must be one rubric (list of items, file path or JSON) or a column with one "
+            f"per completion ({n}), got {type(rubric).__name__}"
         )
     parsed: dict[str, Rubric] = {}
     out: list[Rubric | None] = []
@@ -338,7 +347,7 @@ def rubric_detailed(
     aggregation: str = "explicit",
     **kw: Any,
 ) -> list[RubricSample]:
-    """Like ``rubric`` but returns one RubricSample per completion (score, reason, per-item verdicts)."""
+    """Like ``rubric`` but returns one RubricSample per completion (score, reason, verdicts)."""
     if aggregation not in AGGREGATIONS:
         raise ConfigError(f"rubric aggregation={aggregation!r} is not valid; valid: {AGGREGATIONS}")
     check_lengths(prompts, completions)
@@ -371,18 +380,19 @@ def rubric(
     Args:
         prompts: N prompts (text or chat messages).
         completions: N completions.
-        rubric: one rubric for all samples (list of items, ``{"rubric": [...]}``, .yaml/.yml/.json path or
-            JSON text), or a column with one such rubric (or None) per completion.
+        rubric: one rubric for all samples (list of items, ``{"rubric": [...]}``, .yaml/.yml/.json
+            path or JSON text), or a column with one such rubric (or None) per completion.
         base_url: judge server root (see rewards.judge.JudgeClient).
         model: judge model name.
-        aggregation: ``explicit`` (per-item verdicts, weighted formula) or ``implicit`` (one judge score).
+        aggregation: ``explicit`` (per-item verdicts, weighted formula) or ``implicit`` (one
+            judge score).
         **kw: JudgeClient options (``api_key``, ``api_key_env``, ``max_concurrency``, ``timeout_s``,
             ``max_retries``, ``backoff_s``, ``cache_path``, ``temperature``, ``max_tokens``,
             ``json_mode``, ``check``); other dataset columns are ignored.
 
     Returns:
-        N scores in [0, 1]; None where the judge failed or the sample has no rubric. The RubricSamples
-        of the last call are in ``rubric.last_breakdown`` (see ``rubric_metrics``).
+        N scores in [0, 1]; None where the judge failed or the sample has no rubric. The
+        RubricSamples of the last call are in ``rubric.last_breakdown`` (see ``rubric_metrics``).
     """
     samples = rubric_detailed(
         prompts, completions, rubric, base_url=base_url, model=model, aggregation=aggregation, **kw
@@ -399,9 +409,9 @@ def rubric_metrics(samples: Sequence[RubricSample], prefix: str = "rubric") -> d
     """Aggregate per-item verdicts into metrics.
 
     Returns:
-        ``<prefix>/invalid_frac`` (share of samples scored None), ``<prefix>/score_mean`` (over valid
-        samples) and, for explicit grading, ``<prefix>/<kind>/satisfied_rate`` (satisfied items / items
-        of that kind over valid samples; for pitfall, the share triggered).
+        ``<prefix>/invalid_frac`` (share of samples scored None), ``<prefix>/score_mean`` (over
+        valid samples) and, for explicit grading, ``<prefix>/<kind>/satisfied_rate`` (satisfied
+        items / items of that kind over valid samples; for pitfall, the share made).
     """
     if not samples:
         return {}

@@ -25,19 +25,15 @@ def load_train_eval_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
 
 def check_rewards(cfg: Config, rows: list[dict]) -> None:
     """Fail before training on an unknown reward name or a missing dataset column."""
-    from rewards.registry import get_reward, required_columns
+    from rewards import RewardSpec
+    from rewards.registry import check_columns
 
-    for i, spec in enumerate(cfg.rewards):
-        try:
-            get_reward(spec.name)
-        except (KeyError, ValueError) as err:
-            raise ConfigError(f"rewards[{i}].name: {err}") from None
-        for column in required_columns(spec.name):
-            if rows and column not in rows[0]:
-                raise ConfigError(
-                    f"rewards[{i}] '{spec.name}' reads column '{column}', which the dataset "
-                    f"lacks (columns: {', '.join(sorted(rows[0]))})"
-                )
+    specs = [RewardSpec(r.name, r.weight, dict(r.kwargs)) for r in cfg.rewards]
+    columns = {k: None for k in (rows[0] if rows else {}) if k != cfg.data.prompt_column}
+    try:
+        check_columns(specs, columns)
+    except ValueError as err:
+        raise ConfigError(f"rewards: {err}") from None
 
 
 def make_rollout_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:

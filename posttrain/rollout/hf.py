@@ -82,6 +82,7 @@ class HFEngine:
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.pad_id,
+            use_cache=True,
             return_dict_in_generate=True,
             output_scores=True,
         )

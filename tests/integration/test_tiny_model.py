@@ -131,9 +131,9 @@ def test_config_errors_name_the_path(tmp_path):
     empty.mkdir()
     with pytest.raises(ConfigError, match=r"empty.*config\.json"):
         load_reference(empty)
-    with pytest.raises(ConfigError, match="config.json"):
+    with pytest.raises(ConfigError, match=r"config\.json"):
         load_tokenizer(empty)
-    with pytest.raises(ConfigError, match="./relative/model"):
+    with pytest.raises(ConfigError, match=r"\./relative/model"):
         load_policy("./relative/model")
     with pytest.raises(ConfigError, match="tiny_size"):
         make_tiny(tmp_path / "x", size="huge")

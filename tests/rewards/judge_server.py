@@ -1,18 +1,19 @@
 """A deterministic OpenAI-compatible chat-completions server for judge tests (stdlib only).
 
-Answers are computed from the request (the prompt layout of ``rewards.judge`` / ``rewards.rubric``):
-- ``<reference_answer>`` present (verifier): ``{"score": 1.0}`` iff the reference string appears in the
-  ``<response>``, else ``{"score": 0.0}``.
-- ``<rubric>`` present: an item is *satisfied* iff the first quoted keyword of its criterion (``'x'`` or
-  ``"x"``) appears in the response (no keyword: not satisfied).
-  - system prompt mentions ``"items"`` (explicit): ``{"items": [{"id": i, "satisfied": bool}, ...]}``.
-  - otherwise (implicit): ``{"score": k / P}`` with k satisfied of the P non-pitfall items, halved when any
-    pitfall is satisfied, rounded to 4 decimals.
+Answers are computed from the request (the prompt layout of ``rewards.judge``/``rewards.rubric``):
+- ``<reference_answer>`` present (verifier): ``{"score": 1.0}`` iff the reference string appears
+  in the ``<response>``, else ``{"score": 0.0}``.
+- ``<rubric>`` present: an item is *satisfied* iff the first quoted keyword of its criterion
+  (``'x'`` or ``"x"``) appears in the response (no keyword: not satisfied).
+  - system prompt mentions ``"items"`` (explicit): ``{"items": [{"id": i, "satisfied": b}, ...]}``.
+  - otherwise (implicit): ``{"score": k / P}`` with k satisfied of the P non-pitfall items, halved
+    when any pitfall is satisfied, rounded to 4 decimals.
 
-Switches: ``mode`` ("ok", "garbage": prose instead of JSON, "invalid": ``{"score": 1.5}``, "fenced": the
-ok answer inside a ```json block), ``fail_next(n, status)`` (answer ``status`` n times, then normally),
-``delay_s`` (sleep before answering, e.g. past the client's timeout). Counters: ``requests`` (chat
-requests), ``max_in_flight``, ``bodies`` (request JSON), ``auth`` (last Authorization header).
+Switches: ``mode`` ("ok"; "garbage": prose instead of JSON; "invalid": ``{"score": 1.5}`` or, when
+explicit, ``{"items": [{"id": 1, "satisfied": "yes"}]}``; "fenced": the ok answer in a ```json
+block), ``fail_next(n, status)`` (answer ``status`` n times, then normally), ``delay_s`` (sleep
+before answering, e.g. past the client's timeout). Counters: ``requests`` (chat requests),
+``max_in_flight``, ``bodies`` (request JSON), ``auth`` (last Authorization header).
 ``GET /v1/models`` lists ``model``.
 """
 
@@ -76,7 +77,9 @@ class JudgeServer:
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -125,6 +128,8 @@ class JudgeServer:
         if self.mode == "garbage":
             return "The response looks pretty good to me, I'd say 8/10."
         if self.mode == "invalid":
+            if '"items"' in messages[0]["content"]:
+                return json.dumps({"items": [{"id": 1, "satisfied": "yes"}]})
             return json.dumps({"score": 1.5})
         answer = json.dumps(compute_answer(messages))
         return f"```json\n{answer}\n```" if self.mode == "fenced" else answer
@@ -150,7 +155,7 @@ def _make_handler(server: JudgeServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
         def _send(self, status: int, payload: dict) -> None:

@@ -15,7 +15,7 @@ from rewards import judge as judge_mod
 from rewards.judge import (
     JudgeClient,
     JudgeParseError,
-    JudgeUnreachable,
+    JudgeUnreachableError,
     judge_verifier,
     judge_verifier_detailed,
     parse_json_object,
@@ -89,15 +89,24 @@ def test_parse_rubric_default_weights_and_files(tmp_path):
 @pytest.mark.parametrize(
     ("rub", "needles"),
     [
-        ([{"criterion": "x", "kind": "vital"}], ["rubric[0].kind", "'vital'", "essential", "pitfall"]),
         (
-            [{"criterion": "x", "kind": "essential"}, {"criterion": "y", "kind": "pitfall", "weight": -1}],
+            [{"criterion": "x", "kind": "vital"}],
+            ["rubric[0].kind", "'vital'", "essential", "pitfall"],
+        ),
+        (
+            [
+                {"criterion": "x", "kind": "essential"},
+                {"criterion": "y", "kind": "pitfall", "weight": -1},
+            ],
             ["rubric[1].weight", "> 0", "positive"],
         ),
         ([{"criterion": "x", "kind": "essential", "weight": True}], ["rubric[0].weight"]),
         ([{"criterion": " ", "kind": "essential"}], ["rubric[0].criterion", "non-empty"]),
         ([{"kind": "essential"}], ["rubric[0].criterion"]),
-        ([{"criterion": "x", "kind": "essential", "wieght": 2}], ["rubric[0]", "'wieght'", "weight"]),
+        (
+            [{"criterion": "x", "kind": "essential", "wieght": 2}],
+            ["rubric[0]", "'wieght'", "weight"],
+        ),
         ([], ["non-empty list"]),
         ([{"criterion": "x", "kind": "pitfall"}], ["only pitfall"]),
         (["just a string"], ["rubric[0] must be a mapping"]),
@@ -237,19 +246,27 @@ def test_timeout_gives_none_with_reason():
 
 
 @pytest.mark.parametrize(
-    ("mode", "reason", "detail"),
-    [("garbage", "unparseable", "8/10"), ("invalid", "invalid_answer", "outside [0, 1]")],
+    ("mode", "reason", "details"),
+    [
+        ("garbage", "unparseable", ["8/10", "8/10", "8/10"]),
+        ("invalid", "invalid_answer", ["boolean 'satisfied'", "outside [0, 1]", "outside [0, 1]"]),
+    ],
 )
-def test_bad_answers_give_none_with_reason(server, mode, reason, detail):
+def test_bad_answers_give_none_with_reason(server, mode, reason, details):
     server.mode = mode
-    scores = rubric(PROMPTS[:1], COMPLETIONS[:1], RUBRIC, base_url=server.url, model=MODEL)
-    assert scores == [None]
-    sample = rubric.last_breakdown[0]
-    assert sample.reason == reason and detail in sample.detail
-    assert rubric_metrics(rubric.last_breakdown)["rubric/invalid_frac"] == 1.0
-    assert server.requests == 1  # a bad answer is not retried
+    for aggregation, detail in zip(["explicit", "implicit"], details, strict=False):
+        scores = rubric(
+            PROMPTS[:1], COMPLETIONS[:1], RUBRIC, base_url=server.url, model=MODEL,
+            aggregation=aggregation,
+        )  # fmt: skip
+        assert scores == [None]
+        sample = rubric.last_breakdown[0]
+        assert sample.reason == reason and detail in sample.detail
+        assert rubric_metrics(rubric.last_breakdown) == {"rubric/invalid_frac": 1.0}
+    assert server.requests == 2  # a bad answer is not retried
     assert judge_verifier(["q"], ["42"], ["42"], base_url=server.url, model=MODEL) == [None]
     assert judge_verifier.last_results[0].reason == reason
+    assert details[2] in judge_verifier.last_results[0].detail
 
 
 def test_fenced_answer_accepted_and_bad_ones_not_cached(server):
@@ -275,17 +292,17 @@ def test_concurrency_limit_respected():
 
 def test_unreachable_url_clear_error():
     url = f"http://127.0.0.1:{_free_port()}"
-    with pytest.raises(JudgeUnreachable, match=rf"{url}.*unreachable") as e:
+    with pytest.raises(JudgeUnreachableError, match=rf"{url}.*unreachable") as e:
         JudgeClient(url, MODEL, timeout_s=2).check_reachable()
     assert isinstance(e.value, ConfigError)
-    with pytest.raises(JudgeUnreachable, match=url):
+    with pytest.raises(JudgeUnreachableError, match=url):
         judge_verifier(["q"], ["a"], ["a"], base_url=url, model=MODEL)
-    with pytest.raises(JudgeUnreachable, match=url):
+    with pytest.raises(JudgeUnreachableError, match=url):
         rubric(["q"], ["a"], RUBRIC, base_url=url + "/v1", model=MODEL)
 
 
 def test_check_reachable_wrong_model_and_bad_config(server):
-    with pytest.raises(JudgeUnreachable, match="does not serve model 'gpt-x'.*test-judge"):
+    with pytest.raises(JudgeUnreachableError, match=r"does not serve model 'gpt-x'.*test-judge"):
         JudgeClient(server.url, "gpt-x").check_reachable()
     JudgeClient(server.url + "/v1/", MODEL).check_reachable()
     with pytest.raises(ConfigError, match="base_url='localhost:8000'"):
@@ -335,3 +352,26 @@ def test_cache_key_covers_reference_and_model():
     assert judge_mod.cache_key(a.key_parts, "m") != judge_mod.cache_key(b.key_parts, "m")
     assert judge_mod.cache_key(a.key_parts, "m") != judge_mod.cache_key(a.key_parts, "m2")
     assert judge_mod.cache_key(a.key_parts, "m") == judge_mod.cache_key(dict(a.key_parts), "m")
+
+
+def test_through_registry_score(server):
+    from rewards.registry import RewardSpec, get_reward, score
+
+    assert get_reward("rubric") is rubric and get_reward("judge_verifier") is judge_verifier
+    kw = {"base_url": server.url, "model": MODEL}
+    res = score(
+        [RewardSpec("rubric", kwargs=kw), RewardSpec("judge_verifier", weight=0.5, kwargs=kw)],
+        PROMPTS,
+        COMPLETIONS,
+        {"rubric": [RUBRIC] * 4, "answer": ["Paris", "Paris", "Paris", "Seine"]},
+        timeout_s=10,
+    )
+    assert res.per_reward["rubric"] == pytest.approx([0.85, 0.05, 0.0, 1.0])
+    assert res.per_reward["judge_verifier"] == [1.0, 1.0, 0.0, 1.0]
+    assert res.total == pytest.approx([1.35, 0.55, 0.0, 1.5])
+
+
+def test_shared_rubric_typo_names_item(server):
+    typo = [*RUBRIC[:3], {"criterio": "Says 'London'", "kind": "pitfall"}]
+    with pytest.raises(ConfigError, match=r"rubric\[3\] has unknown keys \['criterio'\]"):
+        rubric(PROMPTS, COMPLETIONS, typo, base_url=server.url, model=MODEL)
