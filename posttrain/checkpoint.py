@@ -65,8 +65,10 @@ def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
         for name, param in module.named_parameters():
             with deepspeed.zero.GatheredParameters([param]):
                 out[name] = param.detach().cpu().clone()
+        persistent = set(module.state_dict().keys())
         for name, buf in module.named_buffers():
-            out[name] = buf.detach().cpu().clone()
+            if name in persistent:
+                out[name] = buf.detach().cpu().clone()
         return out
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 

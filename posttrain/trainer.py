@@ -202,8 +202,10 @@ class Trainer:
                 shares = {"loss": float(loss.detach()), **shares}
                 for k, v in shares.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
+            local_norm = self._local_grad_norm()
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
+            norm = local_norm if norm is None else norm
             if norm is not None:
                 grad_norms.append(float(norm))
         t_train = time.perf_counter()
@@ -223,6 +225,13 @@ class Trainer:
         metrics["throughput/step_tokens_per_s"] = batch_tokens(batch) / max(t_end - t0, 1e-9)
         self.step += 1
         return metrics
+
+    def _local_grad_norm(self) -> float | None:
+        """Gradient norm before clipping, where DeepSpeed does not report it (ZeRO-0, 1 rank)."""
+        if self.cfg.train.zero_stage != 0 or dist.world_size() != 1:
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
     def train(self) -> list[dict[str, float]]:
         """Run until `train.steps`; evaluate before and after; returns the per-step metrics."""
