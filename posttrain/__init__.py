@@ -1,7 +1,7 @@
 """posttrain: LLM post-training (GRPO family, SFT) on DeepSpeed with vLLM rollouts.
 
-    from posttrain import Trainer, load_config
-    Trainer(load_config("recipes/quickstart.yaml")).train()
+from posttrain import Trainer, load_config
+Trainer(load_config("recipes/quickstart.yaml")).train()
 """
 
 from __future__ import annotations

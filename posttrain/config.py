@@ -391,7 +391,11 @@ def validate(cfg: Config) -> None:
         _check(cfg.loss.tis_cap >= 1, "loss.tis_cap must be >= 1 or null (off)")
     _check(cfg.kl.coef >= 0, "kl.coef must be >= 0")
     _check(cfg.optim.lr > 0, "optim.lr must be > 0")
-    _check(r.overlong_buffer < r.max_new_tokens, "rollout.overlong_buffer must be < max_new_tokens")
+    if r.overlong_penalty:
+        _check(
+            0 < r.overlong_buffer < r.max_new_tokens,
+            "rollout.overlong_buffer must be in (0, max_new_tokens) when overlong_penalty is on",
+        )
     for i, rw in enumerate(cfg.rewards):
         _check(rw.weight == rw.weight, f"rewards[{i}].weight must be a number")
     _check(cfg.eval.k >= 1, "eval.k must be >= 1")

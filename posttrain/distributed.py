@@ -114,6 +114,23 @@ def deepspeed_config(
     return cfg
 
 
+def _drop_stale_deepspeed_groups() -> None:
+    """Forget DeepSpeed's cached process groups that were destroyed since they were made.
+
+    An in-process vLLM engine destroys the groups it knows of when it is torn down; DeepSpeed
+    caches a clone of the world group at module level, and a later `deepspeed.initialize` in
+    the same process (a second Trainer, e.g. SFT warm-up then GRPO, or tests) would use it.
+    """
+    from deepspeed.utils import groups
+    from torch.distributed import distributed_c10d
+
+    live = distributed_c10d._world.pg_map
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        group = getattr(groups, name, None)
+        if group is not None and not isinstance(group, dict) and group not in live:
+            setattr(groups, name, None)
+
+
 def build_engine(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -123,6 +140,7 @@ def build_engine(
     """Wrap model and optimizer in a DeepSpeed engine."""
     import deepspeed
 
+    _drop_stale_deepspeed_groups()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )

@@ -14,6 +14,7 @@ micro-batch 1 x 8 and 8 x 1 and 2 ranks x 4 give the same gradient.
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import time
@@ -83,6 +84,7 @@ class Trainer:
 
     def __init__(self, config: Config) -> None:
         self.cfg = config
+        gc.collect()  # finalise engines of earlier Trainers now, not midway through this init
         dist.init_distributed()
         set_seed(config.train.seed)
         self.out = Path(config.train.output_dir)

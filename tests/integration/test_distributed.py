@@ -33,7 +33,15 @@ COMMON = [
 def _run(args: list[str], out: Path, model: Path, extra: list[str]) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [*args, "train", str(RECIPE), "warmup.steps=0", f"model.path={model}", f"train.output_dir={out}", *COMMON]
+    cmd = [
+        *args,
+        "train",
+        str(RECIPE),
+        "warmup.steps=0",
+        f"model.path={model}",
+        f"train.output_dir={out}",
+        *COMMON,
+    ]
     cmd += extra
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -44,7 +52,13 @@ def _torchrun() -> list[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+    ]
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
