@@ -41,6 +41,8 @@ class DataConfig:
     task: dict = field(default_factory=dict)
     prompt_column: str = "prompt"
     completion_column: str = "completion"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
     train_size: int | None = 4000
     eval_source: str | None = None
     eval_size: int = 200
@@ -140,6 +142,47 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    """SFT options: packing several samples into one row (each sample attends only to itself,
+    positions restart per sample) and grouping samples of similar length into micro-batches."""
+
+    packing: bool = False
+    max_length: int = 512
+    group_by_length: bool = False
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """DPO family (`dpo.loss`: sigmoid, robust, ipo, hinge, simpo, length_normalized) + RPO NLL.
+
+    `pairs_per_step` preference pairs per optimizer step (all ranks); `micro_batch_size_per_device`
+    counts pairs (each micro-batch runs 2x that many rows: chosen rows then rejected rows).
+    `ref_cache`: a file path, `auto` (`<output_dir>/ref_logps.pt`) or null (reference on the fly).
+    `bad_rows`: `drop` (counted in the metrics) or `error`.
+    """
+
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    nll_coef: float = 0.0
+    pairs_per_step: int = 32
+    max_length: int = 256
+    ref_cache: str | None = None
+    bad_rows: str = "drop"
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """Bradley-Terry reward model on preference pairs (scalar head, last non-pad token)."""
+
+    pairs_per_step: int = 32
+    max_length: int = 256
+    margin_column: str | None = None
+    bad_rows: str = "drop"
+
+
+@dataclass(frozen=True)
 class WarmupConfig:
     """Optional SFT warm-up run before the main algorithm (same trainer, `sft` algorithm)."""
 
@@ -186,6 +229,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -199,7 +245,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.aggregation": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "kl.estimator": ("k1", "k2", "k3"),
     "optim.schedule": ("cosine", "linear", "constant"),
-    "train.algorithm": ("grpo", "sft"),
+    "train.algorithm": ("grpo", "sft", "dpo", "reward_model"),
+    "dpo.loss": ("sigmoid", "robust", "ipo", "hinge", "simpo", "length_normalized"),
+    "dpo.bad_rows": ("drop", "error"),
+    "reward_model.bad_rows": ("drop", "error"),
     "log.wandb": ("online", "offline", "disabled"),
 }
 
@@ -399,9 +448,27 @@ def validate(cfg: Config) -> None:
     for i, rw in enumerate(cfg.rewards):
         _check(rw.weight == rw.weight, f"rewards[{i}].weight must be a number")
     _check(cfg.eval.k >= 1, "eval.k must be >= 1")
+    _validate_sft_dpo_rm(cfg)
     if cfg.model.path != "tiny" and Path(cfg.model.path).anchor == "/":
         _check(
             Path(cfg.model.path).is_dir(),
             f"model.path: directory {cfg.model.path} does not exist (use 'tiny' for the "
             "built-in model, a local directory or a hub name)",
         )
+
+
+def _validate_sft_dpo_rm(cfg: Config) -> None:
+    """Checks of the `sft`, `dpo` and `reward_model` sections."""
+    s, d, rm = cfg.sft, cfg.dpo, cfg.reward_model
+    _check(s.max_length >= 2, "sft.max_length must be >= 2 tokens")
+    _check(d.beta > 0, "dpo.beta must be > 0 (e.g. 0.1)")
+    _check(0 <= d.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)")
+    if d.label_smoothing:
+        _check(
+            d.loss not in ("ipo", "hinge"),
+            f"dpo.label_smoothing is not used by dpo.loss={d.loss}; set it to 0",
+        )
+    _check(d.nll_coef >= 0, "dpo.nll_coef must be >= 0 (RPO weight; 0 = off)")
+    for name, sec in (("dpo", d), ("reward_model", rm)):
+        _check(sec.pairs_per_step >= 1, f"{name}.pairs_per_step must be >= 1")
+        _check(sec.max_length >= 2, f"{name}.max_length must be >= 2 tokens")

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import httpx
 
 from posttrain.errors import ConfigError
+from rewards.boundary import RewardOutput
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,10 @@ class JudgeClient:
         temperature: sampling temperature sent to the judge.
         max_tokens: completion token limit sent to the judge.
         json_mode: also send ``response_format={"type": "json_object"}`` (vLLM, OpenAI).
+        extra_body: extra JSON fields merged into every request body (like the OpenAI SDK's
+            ``extra_body``), e.g. ``{"response_format": {"type": "json_schema", ...}}``, vLLM's
+            ``{"structured_outputs": {...}}`` or ``{"chat_template_kwargs": {...}}``; it cannot
+            replace ``model`` or ``messages``.
     """
 
     def __init__(
@@ -256,6 +261,7 @@ class JudgeClient:
         temperature: float = 0.0,
         max_tokens: int = 1024,
         json_mode: bool = False,
+        extra_body: dict[str, Any] | None = None,
     ):
         root = _api_root(base_url)
         if not isinstance(model, str) or not model:
@@ -266,6 +272,12 @@ class JudgeClient:
         _require(_is_num(timeout_s) and timeout_s > 0, "timeout_s", "> 0")
         _require(isinstance(max_retries, int) and max_retries >= 0, "max_retries", ">= 0")
         _require(_is_num(backoff_s) and backoff_s >= 0, "backoff_s", ">= 0")
+        _require(
+            extra_body is None
+            or (isinstance(extra_body, dict) and not {"model", "messages"} & set(extra_body)),
+            "extra_body",
+            "a mapping of extra request fields (not 'model' or 'messages')",
+        )
         self.base_url = base_url
         self.chat_url = f"{root}/v1/chat/completions"
         self.models_url = f"{root}/v1/models"
@@ -279,6 +291,7 @@ class JudgeClient:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.json_mode = json_mode
+        self.extra_body = dict(extra_body or {})
         self.cache = _Cache(cache_path)
         self.stats = JudgeStats()
 
@@ -391,6 +404,7 @@ class JudgeClient:
         }
         if self.json_mode:
             body["response_format"] = {"type": "json_object"}
+        body.update(self.extra_body)
         attempt = _Attempt(None, "bad_response")
         for n in range(self.max_retries + 1):
             if n:
@@ -463,7 +477,7 @@ def get_client(base_url: str, model: str, *, check: bool = True, **options: Any)
         raise ConfigError(
             f"unknown judge options {sorted(unknown)}; valid: {sorted(CLIENT_OPTIONS)}"
         )
-    key = (base_url, model, tuple(sorted((k, str(v)) for k, v in options.items())))
+    key = (base_url, model, json.dumps(options, sort_keys=True, default=str))
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
@@ -598,14 +612,32 @@ def judge_verifier(
             dataset columns are ignored.
 
     Returns:
-        N scores in [0, 1]; None where the judge failed. The per-sample JudgeResults (with
-        ``reason``) of the last call are in ``judge_verifier.last_results``.
+        N scores in [0, 1]; None where the judge failed, as a ``RewardOutput`` whose ``reasons``
+        say why (``unparseable``, ``timeout``, ``http_500``, ...: the reward boundary counts them
+        as ``reward/<name>/errors/<reason>``) and whose ``metrics`` are ``judge_metrics``. The
+        per-sample JudgeResults of the last call are also in ``judge_verifier.last_results``.
     """
     results = judge_verifier_detailed(
         prompts, completions, answer, base_url=base_url, model=model, **kw
     )
     judge_verifier.last_results = results  # type: ignore[attr-defined]
-    return [r.score for r in results]
+    return RewardOutput(
+        [r.score for r in results],
+        [r.reason for r in results],
+        details=[r.detail for r in results],
+        metrics=judge_metrics(results),
+    )
+
+
+def judge_metrics(results: Sequence[JudgeResult]) -> dict[str, float]:
+    """``invalid_frac`` (share of results without a value) and ``cached_frac`` (cache hits)."""
+    if not results:
+        return {}
+    n = len(results)
+    return {
+        "invalid_frac": sum(r.value is None for r in results) / n,
+        "cached_frac": sum(r.cached for r in results) / n,
+    }
 
 
 judge_verifier.last_results = []  # type: ignore[attr-defined]

@@ -49,6 +49,7 @@ _BUILTIN: dict[str, str] = {
     "code_tests": "rewards.code:code_tests",
     "rubric": "rewards.rubric:rubric",
     "judge_verifier": "rewards.judge:judge_verifier",
+    "reward_model": "rewards.reward_model:reward_model",
 }
 
 # Arguments each built-in needs, from a dataset column or a RewardSpec kwarg of that name.
@@ -65,6 +66,7 @@ _BUILTIN_REQUIRED: dict[str, tuple[str, ...]] = {
     "code_tests": ("tests",),
     "rubric": ("rubric", "base_url", "model"),
     "judge_verifier": ("answer", "base_url", "model"),
+    "reward_model": ("path",),
 }
 
 _USER: dict[str, RewardFn] = {}

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from posttrain.errors import ConfigError
+from rewards.boundary import RewardOutput
 from rewards.judge import (
     InvalidJudgeAnswerError,
     JudgeRequest,
@@ -391,14 +392,23 @@ def rubric(
             ``json_mode``, ``check``); other dataset columns are ignored.
 
     Returns:
-        N scores in [0, 1]; None where the judge failed or the sample has no rubric. The
-        RubricSamples of the last call are in ``rubric.last_breakdown`` (see ``rubric_metrics``).
+        N scores in [0, 1]; None where the judge failed or the sample has no rubric, as a
+        ``RewardOutput`` whose ``reasons`` say why (``unparseable``, ``invalid_answer``,
+        ``timeout``, ``http_<status>``, ``no_rubric``, ...: counted by the reward boundary as
+        ``reward/<name>/errors/<reason>``) and whose ``metrics`` are ``rubric_metrics`` (logged as
+        ``reward/<name>/essential/satisfied_rate``, ...). The RubricSamples of the last call are
+        also in ``rubric.last_breakdown``.
     """
     samples = rubric_detailed(
         prompts, completions, rubric, base_url=base_url, model=model, aggregation=aggregation, **kw
     )
     _REWARD_FN.last_breakdown = samples  # the parameter `rubric` shadows this function's name
-    return [s.score for s in samples]
+    return RewardOutput(
+        [s.score for s in samples],
+        [s.reason for s in samples],
+        details=[s.detail for s in samples],
+        metrics=rubric_metrics(samples, prefix=""),
+    )
 
 
 rubric.last_breakdown = []  # type: ignore[attr-defined]
@@ -411,14 +421,16 @@ def rubric_metrics(samples: Sequence[RubricSample], prefix: str = "rubric") -> d
     Returns:
         ``<prefix>/invalid_frac`` (share of samples scored None), ``<prefix>/score_mean`` (over
         valid samples) and, for explicit grading, ``<prefix>/<kind>/satisfied_rate`` (satisfied
-        items / items of that kind over valid samples; for pitfall, the share made).
+        items / items of that kind over valid samples; for pitfall, the share made). With
+        ``prefix=""`` the keys have no prefix (``invalid_frac``, ...).
     """
     if not samples:
         return {}
+    pre = f"{prefix}/" if prefix else ""
     valid = [s for s in samples if s.score is not None]
-    metrics = {f"{prefix}/invalid_frac": 1.0 - len(valid) / len(samples)}
+    metrics = {f"{pre}invalid_frac": 1.0 - len(valid) / len(samples)}
     if valid:
-        metrics[f"{prefix}/score_mean"] = sum(s.score for s in valid) / len(valid)  # type: ignore[misc]
+        metrics[f"{pre}score_mean"] = sum(s.score for s in valid) / len(valid)  # type: ignore[misc]
     for kind in KINDS:
         verdicts = [
             it.satisfied
@@ -427,5 +439,5 @@ def rubric_metrics(samples: Sequence[RubricSample], prefix: str = "rubric") -> d
             if it.kind == kind and it.satisfied is not None
         ]
         if verdicts:
-            metrics[f"{prefix}/{kind}/satisfied_rate"] = sum(verdicts) / len(verdicts)
+            metrics[f"{pre}{kind}/satisfied_rate"] = sum(verdicts) / len(verdicts)
     return metrics

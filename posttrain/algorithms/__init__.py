@@ -14,24 +14,33 @@ def load_train_eval_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     """Training rows and held-out rows for a run."""
     d = cfg.data
     train = load_rows(
-        d.source, prompt_column=d.prompt_column, split="train", n=d.train_size, seed=d.seed
+        d.source,
+        prompt_column=d.prompt_column,
+        split="train",
+        n=d.train_size,
+        seed=d.seed,
+        task_kwargs=d.task if d.source == "arithmetic" else None,
     )
     eval_source = d.eval_source or d.source
     held = load_rows(
-        eval_source, prompt_column=d.prompt_column, split="test", n=d.eval_size, seed=d.seed
+        eval_source,
+        prompt_column=d.prompt_column,
+        split="test",
+        n=d.eval_size,
+        seed=d.seed,
+        task_kwargs=d.task if eval_source == "arithmetic" else None,
     )
     return train, held
 
 
 def check_rewards(cfg: Config, rows: list[dict]) -> None:
-    """Fail before training on an unknown reward name or a missing dataset column."""
-    from rewards import RewardSpec
-    from rewards.registry import check_columns
+    """Fail before training on any reward problem (name, column, kwarg, rubric, judge server)."""
+    from rewards.startup import validate_rewards
 
-    specs = [RewardSpec(r.name, r.weight, dict(r.kwargs)) for r in cfg.rewards]
-    columns = {k: None for k in (rows[0] if rows else {}) if k != cfg.data.prompt_column}
+    col = cfg.data.prompt_column
+    columns = {k: [row.get(k) for row in rows] for k in (rows[0] if rows else {}) if k != col}
     try:
-        check_columns(specs, columns)
+        validate_rewards(cfg.rewards, columns)
     except ValueError as err:
         raise ConfigError(f"rewards: {err}") from None
 
@@ -84,7 +93,39 @@ def _build_sft(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Any
     return SFT(cfg, tokenizer, train)
 
 
+def _build_dpo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Any:
+    from posttrain.algorithms.dpo import build_dpo
+
+    return build_dpo(cfg, model_path, tokenizer, engine)
+
+
+def _build_reward_model(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Any:
+    from posttrain.algorithms.reward_model import build_reward_model
+
+    return build_reward_model(cfg, model_path, tokenizer, engine)
+
+
 ALGORITHMS = {"grpo": _build_grpo, "sft": _build_sft}
+ALGORITHMS["dpo"] = _build_dpo
+ALGORITHMS["reward_model"] = _build_reward_model
+
+
+def _load_reward_model(path: str, dtype: str, gradient_checkpointing: bool = False) -> Any:
+    from posttrain.algorithms.reward_model import load_reward_model
+
+    return load_reward_model(path, dtype, gradient_checkpointing)
+
+
+# Which model class an algorithm trains, when not a causal LM (the default, `load_policy`).
+# Each loader takes (path, dtype, gradient_checkpointing) like `posttrain.models.load_policy`.
+MODEL_LOADERS: dict[str, Any] = {"reward_model": _load_reward_model}
+
+
+def model_loader(algorithm: str) -> Any:
+    """The function the trainer uses to load the trained model of `algorithm`."""
+    from posttrain.models import load_policy
+
+    return MODEL_LOADERS.get(algorithm, load_policy)
 
 
 def build_algorithm(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Any:

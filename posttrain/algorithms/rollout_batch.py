@@ -155,7 +155,12 @@ class RolloutSource:
             rounds += 1
             metrics["time/generate_s"] += t_gen
             metrics["time/reward_s"] += t_rew
-            reward_stats.append(reward_metrics(result))
+            stats = reward_metrics(result)
+            correct = result.per_reward.get(self.cfg.eval.reward)
+            if correct is not None:
+                judged = [v for v in correct if v is not None]
+                stats["accuracy"] = sum(v >= 1.0 for v in judged) / max(len(judged), 1)
+            reward_stats.append(stats)
             samples = self._shape(rollouts, result.total)
             all_samples.extend(samples)
             for g in range(need):

@@ -5,6 +5,7 @@ Used on its own (`train.algorithm: sft`) and as the quickstart's warm-up before 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -15,6 +16,13 @@ from posttrain.algorithms.base import StepBatch, chunk_indices, pad_right, shard
 from posttrain.config import Config
 from posttrain.data.arithmetic import sft_completion
 from posttrain.data.chat import encode_sft
+from posttrain.data.packing import (
+    encode_messages,
+    is_conversation,
+    length_order,
+    pack_bins,
+    packed_rows,
+)
 from posttrain.data.stream import RowStream
 from posttrain.errors import ConfigError
 
@@ -30,6 +38,18 @@ def completion_of(row: dict[str, Any], cfg: Config, index: int) -> str:
         f"SFT row {index}: no '{col}' column (set data.completion_column; row has "
         f"{', '.join(sorted(row))})"
     )
+
+
+def encode_row(tokenizer: Any, row: dict[str, Any], cfg: Config, index: int) -> tuple:
+    """(input_ids, mask) of one SFT row: a prompt + completion, or a whole conversation.
+
+    A row whose prompt column holds chat messages with assistant turns and that has no
+    completion trains on every assistant turn (`data.prompt_column: messages` for such datasets).
+    """
+    prompt = row[cfg.data.prompt_column]
+    if row.get(cfg.data.completion_column) is None and is_conversation(prompt):
+        return encode_messages(tokenizer, prompt, cfg.data.system_prompt)
+    return encode_sft(tokenizer, prompt, completion_of(row, cfg, index), cfg.data.system_prompt)
 
 
 class SFT:
@@ -58,14 +78,14 @@ class SFT:
         ids, masks = [], []
         for i in mine:
             row = rows[i]
-            x, m = encode_sft(
-                self.tokenizer,
-                row[cfg.data.prompt_column],
-                completion_of(row, cfg, i),
-                cfg.data.system_prompt,
-            )
+            x, m = encode_row(self.tokenizer, row, cfg, i)
             ids.append(list(x))
             masks.append(list(m)[1:])
+        if cfg.sft.group_by_length:
+            order = length_order([len(x) for x in ids])
+            ids, masks = [ids[j] for j in order], [masks[j] for j in order]
+        if cfg.sft.packing:
+            return self._packed_batch(ids, masks)
         input_ids = pad_right(ids, self.pad_id, torch.long)
         attention = pad_right([[1] * len(x) for x in ids], 0, torch.long)
         mask = pad_right(masks, 0, torch.float)[:, : input_ids.shape[1] - 1]
@@ -81,6 +101,27 @@ class SFT:
                 }
             )
         return StepBatch(micro, {"tokens/trained": self.denominator})
+
+    def _packed_batch(self, ids: list[list[int]], masks: list[list[float]]) -> StepBatch:
+        """Pack this rank's samples into rows of `sft.max_length` tokens (see data/packing.py).
+
+        Every rank gets the same number of micro-batches (ZeRO needs matching backward calls);
+        a rank with too few rows gets an empty one-token micro-batch (mask 0).
+        """
+        cfg = self.cfg
+        bins = pack_bins([len(x) for x in ids], cfg.sft.max_length)
+        self.denominator = max(dist.all_reduce_sum(float(sum(map(sum, masks)))), 1.0)
+        n_micro = _max_over_ranks(math.ceil(len(bins) / cfg.train.micro_batch_size_per_device))
+        per = math.ceil(len(bins) / n_micro)
+        micro = []
+        for k in range(n_micro):
+            chunk = bins[k * per : (k + 1) * per]
+            if chunk:
+                micro.append(packed_rows(ids, masks, chunk, self.pad_id))
+            else:
+                micro.append(packed_rows([[self.pad_id]], [[]], [[0]], self.pad_id))
+        metrics = {"tokens/trained": self.denominator, "sft/packed_rows": float(len(bins))}
+        return StepBatch(micro, metrics)
 
     def loss(self, outputs: Any, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """Share of the token-mean negative log-likelihood."""
@@ -103,3 +144,12 @@ class SFT:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the data position."""
         self.stream.load_state_dict(state["stream"])
+
+
+def _max_over_ranks(n: int) -> int:
+    """The largest `n` over all ranks."""
+    if not torch.distributed.is_initialized() or dist.world_size() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())

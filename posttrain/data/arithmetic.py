@@ -73,8 +73,9 @@ def _validate(
         raise ConfigError(f"test_fraction={test_fraction!r} is not valid; use a value in (0, 1)")
 
 
-def _row(a: int, op: str, b: int) -> dict:
-    return {"prompt": f"{a}{op}{b}", "answer": str(a + b if op == "+" else a - b)}
+def _row(a: int, op: str, b: int, pad_width: int = 0) -> dict:
+    prompt = f"{a:0{pad_width}d}{op}{b:0{pad_width}d}" if pad_width else f"{a}{op}{b}"
+    return {"prompt": prompt, "answer": str(a + b if op == "+" else a - b)}
 
 
 def make_split(
@@ -84,6 +85,7 @@ def make_split(
     max_operand: int = DEFAULT_MAX_OPERAND,
     ops: Sequence[str] = OPS,
     test_fraction: float = DEFAULT_TEST_FRACTION,
+    pad_width: int = 0,
 ) -> list[dict]:
     """Sample ``n`` distinct expressions of one split.
 
@@ -97,6 +99,8 @@ def make_split(
         max_operand: largest operand value.
         ops: operators to use, a subset of ``("+", "-")``.
         test_fraction: fraction of the expression space held out for ``"test"``.
+        pad_width: zero-pad operands in the prompt to this many digits (``"07+45"``); fixed
+            operand positions make the task much easier for a tiny model. 0 = no padding.
 
     Returns:
         ``n`` rows ``{"prompt": "37+45", "answer": "82"}``.
@@ -122,7 +126,7 @@ def make_split(
                 f"{max_operand}, ops={list(ops)}; lower n or raise max_operand"
             )
         rng.shuffle(pool)
-        return [_row(*t) for t in pool[:n]]
+        return [_row(*t, pad_width=pad_width) for t in pool[:n]]
     # Keep rejection sampling fast: at most half of the split's (expected) expression count.
     limit = int(space * (test_fraction if split == "test" else 1.0 - test_fraction)) // 2
     if n > limit:
@@ -135,7 +139,7 @@ def make_split(
         if expression in seen or expression_split(expression, test_fraction) != split:
             continue
         seen.add(expression)
-        rows.append(_row(a, op, b))
+        rows.append(_row(a, op, b, pad_width))
     return rows
 
 

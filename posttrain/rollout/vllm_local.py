@@ -49,6 +49,10 @@ def _detached(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tup
         yield name, tensor.detach()
 
 
+CPU_MAX_BATCHED_TOKENS = 131072
+CPU_MAX_SEQS = 1024
+
+
 class VLLMEngine:
     """`RolloutEngine` backed by an in-process `vllm.LLM`.
 
@@ -101,6 +105,11 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * _GIB)
             kwargs["dtype"] = "float32" if dtype == "auto" else dtype
             kwargs["enforce_eager"] = True if enforce_eager is None else enforce_eager
+            # vLLM-CPU bug: a seeded request whose prefill gets chunked crashes in
+            # `_bookkeeping_sync` ("CPU Generator does not use offset"). A token budget
+            # larger than any step's prefill means no prefill is ever chunked.
+            kwargs["max_num_batched_tokens"] = CPU_MAX_BATCHED_TOKENS
+            kwargs["max_num_seqs"] = CPU_MAX_SEQS
         kwargs.update(llm_kwargs)
 
         from vllm import LLM

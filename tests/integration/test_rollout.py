@@ -97,6 +97,7 @@ def tok(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 1.0), (1.3, 0.9)])
 def test_hf_engine_logprobs_match_forward(tiny_model_dir, tok, temperature, top_p):
     model = load_policy(tiny_model_dir)
@@ -108,6 +109,7 @@ def test_hf_engine_logprobs_match_forward(tiny_model_dir, tok, temperature, top_
     assert max_abs_diff(rollouts, recompute(model, rollouts, temperature, top_p)) < 1e-4
 
 
+@pytest.mark.slow
 def test_hf_engine_seed_greedy_and_weights(tiny_model_dir, tok):
     model = load_policy(tiny_model_dir)
     engine = make_engine("hf", str(tiny_model_dir), model=model, tokenizer=tok)

@@ -1,0 +1,194 @@
+"""Bradley-Terry reward model (`train.algorithm: reward_model`).
+
+The trained model is `AutoModelForSequenceClassification` with `num_labels=1`, loaded from the
+same model directory as a policy (the score head is new). Its scalar is read at the last non-pad
+token of each row (transformers does this from `config.pad_token_id`, which must be set; our
+rows end with the EOS token, and pad != EOS).
+
+make_batch: `reward_model.pairs_per_step` pairs per step; each micro-batch is one forward over
+2m rows (chosen rows, then rejected rows). loss = -log sigmoid(r_w - r_l - margin), summed over
+the micro-batch's pairs and divided by the step's total pair count (all ranks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from posttrain import distributed as dist
+from posttrain import losses
+from posttrain.algorithms.base import StepBatch, chunk_indices, shard_for_rank
+from posttrain.algorithms.dpo import check_pairs_per_step, load_preference_data
+from posttrain.config import Config
+from posttrain.data.preference import EncodedPair, pair_batch
+from posttrain.data.stream import RowStream
+from posttrain.errors import ConfigError
+
+
+def load_reward_model(
+    path: str, dtype: str = "float32", gradient_checkpointing: bool = False
+) -> Any:
+    """Load a scalar-head sequence classifier (num_labels=1) in train mode.
+
+    Args:
+        path: local model directory or hub name (a causal LM checkpoint is fine: the score head
+            is initialised fresh; an RM checkpoint keeps its head).
+        dtype: "float32" | "bfloat16" | "float16".
+        gradient_checkpointing: enable non-reentrant activation checkpointing.
+
+    Raises:
+        ConfigError: the model cannot be loaded, or neither its config nor its tokenizer names a
+            pad token (needed to find the last non-pad token).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.models import DTYPES, load_tokenizer, resolve_model_path
+
+    name = resolve_model_path(path, "model.path")
+    if dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={dtype!r}: valid values are {sorted(DTYPES)}")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=1, dtype=DTYPES[dtype]
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"model.path {name!r} could not be loaded as a reward model: {exc}"
+        ) from exc
+    if model.config.pad_token_id is None:
+        pad = load_tokenizer(name).pad_token_id
+        if pad is None:
+            raise ConfigError(f"model.path {name!r}: no pad token in the model config or tokenizer")
+        model.config.pad_token_id = int(pad)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    return model
+
+
+def rewards_of(outputs: Any) -> torch.Tensor:
+    """[B] float32 scalar rewards from a sequence-classification output ([B, 1] logits)."""
+    return outputs.logits.float().reshape(-1)
+
+
+class RewardModel:
+    """Bradley-Terry training of a scalar reward head.
+
+    Args:
+        cfg: run config (`reward_model` section).
+        tokenizer: chat-template tokenizer (its pad id must equal the model config's).
+        train, held: encoded preference pairs.
+        engine: the trained model (DeepSpeed engine), used by `evaluate`.
+        dropped: bad train rows dropped while loading.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        tokenizer: Any,
+        train: list[EncodedPair],
+        held: list[EncodedPair],
+        engine: Any,
+        dropped: int = 0,
+    ) -> None:
+        check_pairs_per_step("reward_model", cfg.reward_model.pairs_per_step)
+        self.cfg = cfg
+        self.pad_id = int(tokenizer.pad_token_id)
+        module = getattr(engine, "module", engine)
+        if not type(module).__name__.endswith("ForSequenceClassification"):
+            raise ConfigError(
+                f"train.algorithm=reward_model needs a sequence-classification model, but the "
+                f"trainer built {type(module).__name__}; the trainer must load its model with "
+                "posttrain.algorithms.model_loader(train.algorithm)"
+            )
+        model_pad = getattr(getattr(module, "config", None), "pad_token_id", self.pad_id)
+        if model_pad != self.pad_id:
+            raise ConfigError(
+                f"reward_model: the model config's pad_token_id={model_pad} differs from the "
+                f"tokenizer's pad id {self.pad_id}; the score would be read at the wrong token"
+            )
+        self.train, self.held = train, held
+        self.engine = engine
+        self.dropped = dropped
+        self.use_margin = cfg.reward_model.margin_column is not None
+        self.stream = RowStream(list(range(len(train))), seed=cfg.data.seed)
+        self.total_pairs = float(cfg.reward_model.pairs_per_step)
+
+    def make_batch(self, step: int, model: torch.nn.Module) -> StepBatch:
+        """This rank's micro-batches of the step's pairs."""
+        cfg = self.cfg
+        order = self.stream.take(cfg.reward_model.pairs_per_step)
+        mine = [order[i] for i in shard_for_rank(len(order), dist.rank(), dist.world_size())]
+        micro = [
+            pair_batch([self.train[mine[i]] for i in idx], self.pad_id)
+            for idx in chunk_indices(len(mine), cfg.train.micro_batch_size_per_device)
+        ]
+        return StepBatch(micro, {"data/dropped_pairs": float(self.dropped)})
+
+    def pair_losses(
+        self, outputs: Any, mb: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss [m], accuracy [m], r_chosen [m], r_rejected [m]) of one micro-batch."""
+        r = rewards_of(outputs)
+        m = r.shape[0] // 2
+        margin = mb["margin"] if self.use_margin else None
+        loss, acc = losses.bradley_terry_loss(r[:m], r[m:], margin)
+        return loss, acc, r[:m].detach(), r[m:].detach()
+
+    def loss(
+        self, outputs: Any, mb: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Share of the step's mean Bradley-Terry loss, and metric shares."""
+        loss, acc, rw, rl = self.pair_losses(outputs, mb)
+        n = self.total_pairs
+        shares = {
+            "accuracy": float(acc.sum()) / n,
+            "rewards/chosen": float(rw.sum()) / n,
+            "rewards/rejected": float(rl.sum()) / n,
+            "margin": float((rw - rl).sum()) / n,
+        }
+        return loss.sum() / n, shares
+
+    def after_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Nothing to sync."""
+        return {}
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out pair accuracy (r_w > r_l), mean margin and loss; every rank does all pairs."""
+        if not self.held:
+            return {}
+        was_training = self.engine.training
+        self.engine.eval()
+        acc, margin, loss = 0.0, 0.0, 0.0
+        try:
+            for idx in chunk_indices(len(self.held), self.cfg.train.micro_batch_size_per_device):
+                mb = pair_batch([self.held[i] for i in idx], self.pad_id)
+                out = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
+                pair_loss, pair_acc, rw, rl = self.pair_losses(out, mb)
+                acc += float(pair_acc.sum())
+                margin += float((rw - rl).sum())
+                loss += float(pair_loss.sum())
+        finally:
+            self.engine.train(was_training)
+        n = len(self.held)
+        return {"eval/pair_accuracy": acc / n, "eval/margin": margin / n, "eval/loss": loss / n}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position."""
+        return {"stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the data position."""
+        self.stream.load_state_dict(state["stream"])
+
+
+def build_reward_model(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> RewardModel:
+    """Load preference data (with the optional margin column) and make the RM object."""
+    r = cfg.reward_model
+    train, held, dropped = load_preference_data(
+        cfg, tokenizer, "reward_model", r.max_length, r.bad_rows, r.margin_column
+    )
+    return RewardModel(cfg, tokenizer, train, held, engine, dropped)

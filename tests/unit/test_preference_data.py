@@ -1,0 +1,298 @@
+"""Preference data and DPO plumbing: rows, bad rows, padding invariance, reference cache."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from posttrain import losses
+from posttrain.algorithms.dpo import (
+    DPO,
+    ReferenceLogps,
+    cache_components,
+    cache_key,
+    pair_logps,
+    read_cache,
+    sequence_logps,
+    write_cache,
+)
+from posttrain.config import load_config
+from posttrain.data.arithmetic import make_split, solve
+from posttrain.data.preference import (
+    arithmetic_pairs,
+    build_pairs,
+    encode_pairs,
+    normalize_pairs,
+    pair_batch,
+)
+from posttrain.errors import ConfigError
+
+COLS = ("prompt", "chosen", "rejected", None)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from posttrain.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def ref_model(tiny_model_dir):
+    from posttrain.models import load_reference
+
+    return load_reference(tiny_model_dir)
+
+
+def _pairs(tok, n=6, max_length=64):
+    rows = arithmetic_pairs(make_split("train", n, seed=2), seed=0)
+    enc, dropped = build_pairs(
+        rows, tok, columns=COLS, max_length=max_length, bad_rows="drop", section="dpo", split="t"
+    )
+    assert dropped == 0
+    return enc
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def test_arithmetic_pairs_prefer_the_correct_answer():
+    rows = make_split("train", 50, seed=1)
+    pairs = arithmetic_pairs(rows, seed=7)
+    for row, p in zip(rows, pairs, strict=True):
+        assert p["chosen"] == str(solve(row["prompt"])) == row["answer"]
+        assert p["rejected"] != p["chosen"] and int(p["rejected"]) == int(p["rejected"])
+    # deterministic, and a row's wrong answer does not depend on its position
+    assert arithmetic_pairs(rows, seed=7) == pairs
+    assert arithmetic_pairs(rows[::-1], seed=7) == pairs[::-1]
+
+
+def test_normalize_strings_messages_and_implicit_prompt():
+    user = {"role": "user", "content": "hi"}
+    rows = [
+        {"prompt": "2+2", "chosen": "4", "rejected": "5"},
+        {
+            "prompt": [user],
+            "chosen": [{"role": "assistant", "content": "hello"}],
+            "rejected": [{"role": "assistant", "content": "go away"}],
+        },
+        {  # implicit prompt: the shared first message
+            "chosen": [user, {"role": "assistant", "content": "hello"}],
+            "rejected": [user, {"role": "assistant", "content": "no"}],
+        },
+        {  # full conversations with an explicit string prompt
+            "prompt": "hi",
+            "chosen": [user, {"role": "assistant", "content": "a"}],
+            "rejected": [user, {"role": "assistant", "content": "b"}],
+        },
+    ]
+    good, bad = normalize_pairs(rows)
+    assert bad == []
+    assert [(p.chosen, p.rejected) for p in good] == [
+        ("4", "5"),
+        ("hello", "go away"),
+        ("hello", "no"),
+        ("a", "b"),
+    ]
+    assert good[2].prompt == (user,)
+
+
+def test_bad_rows_are_reported_with_their_index():
+    rows = [
+        {"prompt": "1+1", "chosen": "2", "rejected": "3"},
+        {"prompt": "1+2", "chosen": "3"},  # missing rejected
+        {"prompt": "1+3", "chosen": "4", "rejected": "4"},  # chosen == rejected
+        {"prompt": "1+4", "chosen": " ", "rejected": "6"},  # empty completion
+        {"prompt": "1+5", "chosen": [{"role": "user", "content": "x"}], "rejected": "7"},
+        {"prompt": "", "chosen": "a", "rejected": "b"},  # empty prompt
+    ]
+    good, bad = normalize_pairs(rows)
+    assert [p.index for p in good] == [0]
+    reasons = dict(bad)
+    assert "missing 'rejected'" in reasons[1]
+    assert "'chosen' == 'rejected'" in reasons[2]
+    assert "empty 'chosen'" in reasons[3]
+    assert "assistant message" in reasons[4]
+    assert "prompt" in reasons[5]
+
+
+def test_bad_row_policy_drop_counts_and_error_raises(tok, caplog):
+    rows = [
+        {"prompt": "1+1", "chosen": "2", "rejected": "3"},
+        {"prompt": "1+2", "chosen": "3"},
+        {"prompt": "1+3", "chosen": "4" * 80, "rejected": "5"},  # too long for max_length
+    ]
+    kw = {"columns": COLS, "max_length": 48, "section": "dpo", "split": "train"}
+    with caplog.at_level(logging.WARNING, logger="posttrain.data"):
+        enc, dropped = build_pairs(rows, tok, bad_rows="drop", **kw)
+    assert dropped == 2 and [p.index for p in enc] == [0]
+    assert "row 1: missing 'rejected'" in caplog.text
+    assert "row 2: too long" in caplog.text
+    with pytest.raises(ConfigError, match=r"dpo: 2 bad preference row\(s\).*row 1: missing"):
+        build_pairs(rows, tok, bad_rows="error", **kw)
+    with pytest.raises(ConfigError, match="none of the 1 train rows"):
+        build_pairs(rows[1:2], tok, bad_rows="drop", **kw)
+
+
+def test_margin_column(tok):
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b", "m": 1.5},
+        {"prompt": "p", "chosen": "a"},
+    ]
+    good, bad = normalize_pairs(rows, margin_column="m")
+    assert good[0].margin == 1.5 and len(bad) == 1
+    good, bad = normalize_pairs(
+        [{"prompt": "p", "chosen": "a", "rejected": "b"}], margin_column="m"
+    )
+    assert not good and "'m' must be a number" in bad[0][1]
+
+
+def test_pair_batch_layout(tok):
+    enc = _pairs(tok, 3)
+    t = pair_batch(enc, tok.pad_token_id)
+    assert t["input_ids"].shape[0] == 6
+    for i, p in enumerate(enc):
+        for row, ids, mask in (
+            (i, p.chosen_ids, p.chosen_mask),
+            (i + 3, p.rejected_ids, p.rejected_mask),
+        ):
+            n = len(ids)
+            assert t["input_ids"][row, :n].tolist() == list(ids)
+            assert t["attention_mask"][row].sum() == n
+            assert t["mask"][row, : n - 1].tolist() == list(mask[1:])
+            assert t["mask"][row, n - 1 :].sum() == 0
+    # the response of a chosen row decodes to the answer + EOS
+    row0 = t["input_ids"][0, 1:][t["mask"][0].bool()]
+    assert tok.decode(row0).endswith("<|im_end|>")
+
+
+# ----------------------------------------------------------------------------- padding
+
+
+def test_extra_padding_does_not_change_sequence_logps_or_loss(tok, ref_model):
+    enc = _pairs(tok, 4)
+    t = pair_batch(enc, tok.pad_token_id)
+    extra = 9
+    padded = {
+        "input_ids": torch.nn.functional.pad(t["input_ids"], (0, extra), value=tok.pad_token_id),
+        "attention_mask": torch.nn.functional.pad(t["attention_mask"], (0, extra)),
+        "mask": torch.nn.functional.pad(t["mask"], (0, extra)),
+    }
+    with torch.no_grad():
+        out = []
+        for b in (t, padded):
+            logits = ref_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            out.append(sequence_logps(logits, b["input_ids"], b["mask"])[1])
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=0)
+    # one pair alone, unpadded: the same numbers again
+    alone = pair_logps(ref_model, enc[:1], tok.pad_token_id, 1)
+    torch.testing.assert_close(alone[0], torch.stack([out[0][0], out[0][4]]), atol=1e-5, rtol=0)
+    ref = torch.randn(8)
+    la, _ = losses.preference_loss(out[0][:4], out[0][4:], ref[:4], ref[4:])
+    lb, _ = losses.preference_loss(out[1][:4], out[1][4:], ref[:4], ref[4:])
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=0)
+
+
+def test_dpo_loss_shares_sum_to_the_mean_over_pairs(tok, ref_model, tiny_model_dir):
+    """Micro-batching: shares over micro-batches of 3 + 3 + 2 pairs == the 8-pair mean."""
+    enc = _pairs(tok, 8)
+    cfg = load_config(None, ["train.algorithm=dpo", "dpo.pairs_per_step=8"])
+    ref = ReferenceLogps(tok.pad_token_id, model=ref_model)
+    algo = DPO(cfg, tok, enc, [], engine=None, ref=ref)
+    full = algo.make_batch(0, ref_model)
+    cfg3 = load_config(
+        None, ["train.algorithm=dpo", "dpo.pairs_per_step=8", "train.micro_batch_size_per_device=3"]
+    )
+    algo3 = DPO(cfg3, tok, enc, [], engine=None, ref=ref)
+    split = algo3.make_batch(0, ref_model)
+    assert [mb["input_ids"].shape[0] for mb in split.micro_batches] == [6, 6, 4]
+
+    def total(algo, batch):
+        loss, shares = 0.0, {}
+        for mb in batch.micro_batches:
+            with torch.no_grad():
+                out = ref_model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
+            lo, sh = algo.loss(out, mb)
+            loss += float(lo)
+            for k, v in sh.items():
+                shares[k] = shares.get(k, 0.0) + v
+        return loss, shares
+
+    (la, sa), (lb, sb) = total(algo, full), total(algo3, split)
+    assert la == pytest.approx(lb, abs=1e-6)
+    for k in sa:
+        assert sa[k] == pytest.approx(sb[k], abs=1e-5), k
+    # policy == reference: every implicit reward is 0, the loss is log 2
+    assert la == pytest.approx(0.693147, abs=1e-5) and sa["margin"] == pytest.approx(0, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- reference cache
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(
+        None,
+        [
+            f"train.output_dir={tmp_path}",
+            "train.algorithm=dpo",
+            "train.micro_batch_size_per_device=4",
+            *extra,
+        ],
+    )
+
+
+def test_cached_and_on_the_fly_reference_logps_are_identical(tmp_path, tok, tiny_model_dir):
+    train, held = _pairs(tok, 10), _pairs(tok, 3)
+    fly = ReferenceLogps.create(_cfg(tmp_path), str(tiny_model_dir), train, held, tok)
+    cached = ReferenceLogps.create(
+        _cfg(tmp_path, "dpo.ref_cache=auto"), str(tiny_model_dir), train, held, tok
+    )
+    assert (tmp_path / "ref_logps.pt").is_file() and cached.model is None
+    torch.testing.assert_close(fly.held_logps(), cached.held_logps(), atol=1e-5, rtol=0)
+    positions = [7, 2, 5]  # a step's micro-batch, in stream order
+    mb = pair_batch([train[p] for p in positions], tok.pad_token_id)
+    torch.testing.assert_close(
+        fly.train_logps(positions, mb), cached.train_logps(positions, mb), atol=1e-5, rtol=0
+    )
+
+
+def test_stale_cache_is_detected_and_recomputed(tmp_path, tok, tiny_model_dir, caplog):
+    train, held = _pairs(tok, 4), _pairs(tok, 2)
+    cfg = _cfg(tmp_path, "dpo.ref_cache=auto")
+    comps = cache_components(cfg, str(tiny_model_dir), tok, train, held)
+    path = tmp_path / "ref_logps.pt"
+    write_cache(path, comps, torch.full((4, 2), -1.0), torch.full((2, 2), -1.0))
+    assert read_cache(path, comps)["key"] == cache_key(comps)
+    # every input of the key invalidates it
+    other_rows = cache_components(cfg, str(tiny_model_dir), tok, _pairs(tok, 5), held)
+    longer = cache_components(
+        _cfg(tmp_path, "dpo.max_length=300"), str(tiny_model_dir), tok, train, held
+    )
+    assert cache_key(other_rows) != cache_key(comps) != cache_key(longer)
+    with caplog.at_level(logging.WARNING, logger="posttrain"):
+        assert read_cache(path, other_rows) is None
+    assert "stale" in caplog.text and "train_pairs" in caplog.text
+    # a different reference model (weights file changed) -> recomputed, never the stale -1s
+    from posttrain.models import make_tiny
+
+    other_model = make_tiny(tmp_path / "other", seed=1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="posttrain"):
+        ref = ReferenceLogps.create(cfg, str(other_model), train, held, tok)
+    assert "stale" in caplog.text and "reference_model" in caplog.text
+    assert (ref.held_logps() < -1.0).all()
+    # now the file holds the new key: reused as is
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="posttrain"):
+        again = ReferenceLogps.create(cfg, str(other_model), train, held, tok)
+    assert "reusing" in caplog.text
+    torch.testing.assert_close(again.held_logps(), ref.held_logps())
+
+
+def test_tokenized_data_too_long_is_dropped_not_truncated(tok):
+    rows = arithmetic_pairs(make_split("train", 3, seed=0), seed=0)
+    pairs, _ = normalize_pairs(rows)
+    enc, bad = encode_pairs(tok, pairs, max_length=5)
+    assert enc == [] and all("too long" in why for _, why in bad)
