@@ -61,7 +61,7 @@ def test_python_api(tmp_path):
 def test_bad_input_leaves_nothing(tmp_path):
     out = tmp_path / "never"
     cmd = [sys.executable, "-m", "posttrain.cli", "train", str(RECIPE), f"train.output_dir={out}"]
-    proc = subprocess.run(cmd + ["rollout.samples_per_promt=4"], capture_output=True, text=True)
+    proc = subprocess.run([*cmd, "rollout.samples_per_promt=4"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "did you mean 'samples_per_prompt'" in proc.stderr
     assert "Traceback" not in proc.stderr
