@@ -273,6 +273,7 @@ def run_step_phase(model_dir: str, micro_batch: int, steps: int) -> dict[str, An
         trainer.algorithm.make_batch = recording_make_batch
         rows = []
         for i in range(steps):
+            probe = matmul_gflops(iters=2, trials=2)["best"]
             m = trainer.train_step()
             row = {p: m.get(f"time/{p}_s", 0.0) for p in PHASES if p not in ("other",)}
             known = sum(row[p] for p in PHASES if p not in ("other", "step"))
@@ -280,12 +281,14 @@ def run_step_phase(model_dir: str, micro_batch: int, steps: int) -> dict[str, An
             row.update({k: float(m[k]) for k in STEP_KEYS if k in m})
             row.update({k: v for k, v in shapes[-1].items() if k != "widths"})
             row["widths"] = shapes[-1]["widths"]
+            row["probe_gflops"] = probe
             rows.append(row)
             say(
                 f"mb={micro_batch} step {i}{' (warm-up)' if i == 0 else ''}: "
                 + " ".join(f"{p}={row[p]:.2f}s" for p in PHASES)
                 + f" gen_tok={row.get('tokens/generated', 0):.0f}"
                 f" trained_tok={row['nonpad_tokens']} padded_tok={row['padded_tokens']}"
+                f" matmul_probe={probe:.0f}GFLOP/s"
             )
         threads = torch.get_num_threads()
         del trainer

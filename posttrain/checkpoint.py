@@ -3,6 +3,8 @@
 A checkpoint directory holds a `save_pretrained` model and tokenizer (usable by transformers and
 vLLM as they are), the DeepSpeed engine state (model, optimizer, scheduler; ZeRO partitions
 per rank) and `trainer_state.json` + `rng.pt` (step, weight version, data position, RNG).
+With LoRA (`model.lora.r > 0`) the top-level model holds the merged weights and `adapter/` the
+peft adapter (`PeftModel.from_pretrained(base, "<ckpt>/adapter")`).
 It is written to `<name>.tmp`, fsynced, then renamed: a crash never leaves a half checkpoint
 under the final name.
 """
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from posttrain import distributed as dist
+from posttrain import lora
 
 STATE_FILE = "trainer_state.json"
 
@@ -55,9 +58,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
-    """The model's full (un-sharded) state dict on CPU; gathers ZeRO-3 partitions."""
+def full_state_dict(engine: Any, merge_lora: bool = True) -> dict[str, torch.Tensor]:
+    """The model's full (un-sharded) state dict on CPU; gathers ZeRO-3 partitions.
+
+    For a peft (LoRA) model, `merge_lora=True` returns the merged weights under the base model's
+    names (`posttrain.lora.merge_lora_state_dict`; the model is not modified); False returns the
+    peft model's own state dict (base weights + adapter tensors).
+    """
     module = engine.module if hasattr(engine, "module") else engine
+    if merge_lora and lora.is_peft(module):
+        return lora.merged_state_dict(module, full_state_dict(engine, merge_lora=False))
     if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
         import deepspeed
 
@@ -96,9 +106,13 @@ def save(
         tmp.mkdir(parents=True)
     dist.barrier()
     engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
-    weights = full_state_dict(engine)
+    weights = full_state_dict(engine, merge_lora=False)
+    module = engine.module
+    if lora.is_peft(module) and dist.is_main():  # adapter in adapter/, merged model at the top
+        lora.save_adapter(module, tmp / lora.ADAPTER_DIR, weights)
+        weights = lora.merged_state_dict(module, weights)
     if dist.is_main():
-        module = engine.module
+        module = lora.base_model(module)
         module.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))

@@ -20,6 +20,28 @@ from posttrain.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters through peft (`r: 0` = off, full fine-tuning).
+
+    Only the adapter weights train (scale = alpha / r); the rollout engine and checkpoints get
+    merged weights (W + scale * B @ A) under the base model's parameter names.
+    """
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Which model to train.
 
@@ -31,6 +53,7 @@ class ModelConfig:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     ref_path: str | None = None
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass(frozen=True)
@@ -139,6 +162,7 @@ class TrainConfig:
     eval_every: int = 0
     resume: str | None = None
     sft_batch_size: int = 32
+    deepspeed_config: str | None = None  # JSON merged over the generated config (launch/deepspeed/)
 
 
 @dataclass(frozen=True)
@@ -449,6 +473,7 @@ def validate(cfg: Config) -> None:
         _check(rw.weight == rw.weight, f"rewards[{i}].weight must be a number")
     _check(cfg.eval.k >= 1, "eval.k must be >= 1")
     _validate_sft_dpo_rm(cfg)
+    _validate_lora_deepspeed(cfg)
     if cfg.model.path != "tiny" and Path(cfg.model.path).anchor == "/":
         _check(
             Path(cfg.model.path).is_dir(),
@@ -472,3 +497,17 @@ def _validate_sft_dpo_rm(cfg: Config) -> None:
     for name, sec in (("dpo", d), ("reward_model", rm)):
         _check(sec.pairs_per_step >= 1, f"{name}.pairs_per_step must be >= 1")
         _check(sec.max_length >= 2, f"{name}.max_length must be >= 2 tokens")
+
+
+def _validate_lora_deepspeed(cfg: Config) -> None:
+    """Checks of `model.lora` and of the `train.deepspeed_config` file (if any)."""
+    lora = cfg.model.lora
+    _check(lora.r >= 0, "model.lora.r must be >= 0 (0 = LoRA off)")
+    if lora.r > 0:
+        _check(lora.alpha > 0, "model.lora.alpha must be > 0")
+        _check(0 <= lora.dropout < 1, "model.lora.dropout must be in [0, 1)")
+        _check(len(lora.target_modules) >= 1, "model.lora.target_modules must name a module")
+    if cfg.train.deepspeed_config is not None:
+        from posttrain.dsconfig import check_user_config
+
+        check_user_config(cfg)

@@ -215,7 +215,10 @@ def _load_causal_lm(path: str | Path, dtype: str | torch.dtype, what: str) -> An
 
 
 def load_policy(
-    path: str | Path, dtype: str | torch.dtype = "float32", gradient_checkpointing: bool = False
+    path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    gradient_checkpointing: bool = False,
+    lora: Any = None,
 ) -> Any:
     """Load the trainable policy (AutoModelForCausalLM) in train mode.
 
@@ -223,11 +226,17 @@ def load_policy(
         path: local model directory (with config.json) or hub name.
         dtype: "float32" | "bfloat16" | "float16" (or a torch.dtype).
         gradient_checkpointing: enable non-reentrant activation checkpointing (disables KV cache).
+        lora: a `LoRAConfig` (`model.lora`); with r > 0 the model is wrapped by peft
+            (`posttrain.lora.apply_lora`) and only the adapter weights require grad.
     """
     model = _load_causal_lm(path, dtype, "model.path")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if lora is not None and lora.r > 0:
+        from posttrain.lora import apply_lora
+
+        model = apply_lora(model, lora)
     model.train()
     return model
 

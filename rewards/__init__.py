@@ -5,7 +5,7 @@ Compose rewards with ``score([RewardSpec(...), ...], prompts, completions, colum
 each under a timeout and turns any failure into ``None`` with a counted reason.
 """
 
-from rewards.boundary import RewardResult, reward_metrics, score
+from rewards.boundary import RewardOutput, RewardResult, per_sample, reward_metrics, score
 from rewards.format import format_number
 from rewards.math import exact_answer, math_answer
 from rewards.registry import (
@@ -17,9 +17,11 @@ from rewards.registry import (
     register,
     required_columns,
 )
+from rewards.startup import validate_rewards
 
 __all__ = [
     "RewardConfigError",
+    "RewardOutput",
     "RewardResult",
     "RewardSpec",
     "available",
@@ -28,8 +30,10 @@ __all__ = [
     "format_number",
     "get_reward",
     "math_answer",
+    "per_sample",
     "register",
     "required_columns",
     "reward_metrics",
     "score",
+    "validate_rewards",
 ]

@@ -128,9 +128,12 @@ class GRPO:
             kl = losses.kl_estimate(logp, mb["logp_ref"], cfg.kl.estimator)
             loss_tok = loss_tok + cfg.kl.coef * kl
             shares["kl"] = float((kl.detach() * mask).sum()) / n_tok
-        entropy = losses.token_entropy(logits, cfg.rollout.temperature)
         if lc.entropy_coef:
+            entropy = losses.token_entropy(logits, cfg.rollout.temperature)
             loss_tok = loss_tok - lc.entropy_coef * entropy
+        else:  # metric only: no graph through the [b, T, V] entropy
+            with torch.no_grad():
+                entropy = losses.token_entropy(logits.detach(), cfg.rollout.temperature)
         shares["entropy"] = float((entropy.detach() * mask).sum()) / n_tok
         shares["clip_frac"] = float((stats["clipped"].float() * mask).sum()) / n_tok
         loss = losses.aggregate(loss_tok, mask, lc.aggregation, d, cfg.rollout.max_new_tokens)

@@ -227,6 +227,10 @@ def _rollout_metrics(
     rewards = torch.tensor([s.reward for s in samples if s.reward is not None])
     lengths = torch.tensor([len(s.rollout.completion_ids) for s in samples], dtype=torch.float)
     out = dict(reward_stats[-1]) if reward_stats else {}
+    for stats in reward_stats[:-1]:  # error counts add up over dynamic-sampling rounds
+        for key, value in stats.items():
+            if "/errors/" in key or key == "reward/masked_count":
+                out[key] = out.get(key, 0.0) + value
     out["reward/mean"] = float(rewards.mean()) if rewards.numel() else float("nan")
     out["reward/std"] = float(rewards.std()) if rewards.numel() > 1 else 0.0
     out["samples/masked"] = float(sum(not s.valid for s in samples))

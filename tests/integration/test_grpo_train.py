@@ -35,7 +35,7 @@ def small_cfg(out: Path, model: Path, *extra: str):
             "log.progress=false",
             # Random weights never get an answer right; completion length varies, so this
             # reward gives non-zero advantages and real gradients.
-            "rewards=[{name: length_in_range, kwargs: {max_chars: 4}}]",
+            "rewards=[{name: length_in_range, kwargs: {max_chars: 5}}]",
             *extra,
         ],
     )
@@ -87,3 +87,32 @@ def test_resume_matches_straight_run(tmp_path, tiny_model_dir):
     for want, got in zip(straight[2:], resumed, strict=True):
         for key in keys:
             assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_micro_batch_size_does_not_change_the_update(tmp_path, tiny_model_dir, aggregation):
+    """1 x 16 and 8 x 2 micro-batches (global denominators) give the same weights."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for mb in (16, 2):
+        out = tmp_path / f"mb{mb}"
+        cfg = small_cfg(
+            out,
+            tiny_model_dir,
+            "train.steps=1",
+            f"train.micro_batch_size_per_device={mb}",
+            f"loss.aggregation={aggregation}",
+            # Adam's first step is lr * g / (|g| + eps): a large eps makes it ~ lr * g, so the
+            # weights compare gradients rather than the signs of near-zero entries.
+            "optim.eps=1.0",
+            "optim.lr=0.1",
+        )
+        Trainer(cfg).train()
+        weights.append(load_file(str(out / "checkpoints" / "final" / "model.safetensors")))
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))
+    moved = 0.0
+    for name, w in weights[0].items():
+        assert torch.allclose(w, weights[1][name], atol=1e-6), name
+        moved = max(moved, float((w - initial[name]).abs().max()))
+    assert moved > 1e-4  # the step really changed the weights

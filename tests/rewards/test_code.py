@@ -225,7 +225,10 @@ def test_memory_bomb() -> None:
 
 @pytest.mark.slow
 def test_infinite_loop_hits_cpu_limit() -> None:
-    assert _hostile("while True:\n    pass") == (0.0, "cpu_limit")
+    # The CPU-time limit (2 s) normally fires first; on a loaded machine the loop may not get
+    # 2 s of CPU within the 5 s wall limit, and the wall-clock kill is the containment then.
+    reward, reason = _hostile("while True:\n    pass")
+    assert reward == 0.0 and reason in ("cpu_limit", "timeout")
 
 
 @pytest.mark.slow
