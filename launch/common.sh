@@ -17,6 +17,10 @@ run_or_print() {
 deepspeed_overrides() {
   ds_args=()
   if [[ -n "${DS_CONFIG:-}" ]]; then
+    if [[ ! -f "$DS_CONFIG" ]]; then
+      echo "DS_CONFIG=$DS_CONFIG: no such file (expected e.g. launch/deepspeed/zero3.json)" >&2
+      exit 2
+    fi
     local stage
     stage=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["zero_optimization"]["stage"])' "$DS_CONFIG")
     ds_args=("train.zero_stage=$stage" "train.deepspeed_config=$DS_CONFIG")

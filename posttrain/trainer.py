@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from posttrain import checkpoint, report
+from posttrain import checkpoint, dsconfig, report
 from posttrain import distributed as dist
 from posttrain.algorithms import build_algorithm
 from posttrain.algorithms.base import model_inputs
@@ -140,6 +140,7 @@ class Trainer:
             self.model_path,
             dtype=cfg.model.dtype,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
+            lora=cfg.model.lora,
         )
         o = cfg.optim
         params = [p for p in model.parameters() if p.requires_grad]
@@ -163,6 +164,7 @@ class Trainer:
             max_grad_norm=o.max_grad_norm,
             dtype=cfg.model.dtype,
         )
+        ds_cfg = dsconfig.apply_user_config(ds_cfg, cfg.train.deepspeed_config)
         return dist.build_engine(model, optimizer, scheduler, ds_cfg)
 
     # ----------------------------------------------------------------- state
