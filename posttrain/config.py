@@ -167,8 +167,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SFTConfig:
-    """SFT options: packing several samples into one row (each sample attends only to itself,
-    positions restart per sample) and grouping samples of similar length into micro-batches."""
+    """SFT options: packing several samples into rows of `max_length` tokens (each sample
+    attends only to itself, positions restart per sample; `micro_batch_size_per_device` then
+    counts packed rows) and grouping samples of similar length into micro-batches."""
 
     packing: bool = False
     max_length: int = 512

@@ -7,8 +7,9 @@ A row holds a prompt and two completions, each a string or a chat message list:
      "chosen": [{"role": "assistant", "content": "hello"}], "rejected": [...]}
     {"chosen": [user msg, assistant msg], "rejected": [user msg, other assistant msg]}
 
-In the last form the prompt is the messages the two lists share (an "implicit prompt"). After the
-prompt, each completion must be exactly one assistant message. Tokenization matches SFT and the
+In the last form the prompt is the messages the two lists share (an "implicit prompt"; set
+`data.prompt_column` to the chosen column for such files). After the prompt, each completion must
+be exactly one assistant message. Tokenization matches SFT and the
 rollout engine: the chat-templated prompt (with the generation header), then the completion tokens
 and the EOS token; the response mask is 1 on the completion tokens and the EOS.
 
@@ -133,7 +134,9 @@ def _normalize_row(
     for col in (chosen_col, rejected_col):
         if row.get(col) is None:
             raise ValueError(f"missing '{col}'")
-    prompt = row.get(prompt_col)
+    # conversation-only datasets point data.prompt_column at the chosen column (load_rows needs
+    # a prompt column): the prompt is then the messages both conversations share
+    prompt = None if prompt_col in (chosen_col, rejected_col) else row.get(prompt_col)
     if prompt is None:
         prompt = _implicit_prompt(row[chosen_col], row[rejected_col])
     if prompt is None or (isinstance(prompt, str) and not prompt.strip()):

@@ -90,6 +90,8 @@ def test_normalize_strings_messages_and_implicit_prompt():
     ]
     good, bad = normalize_pairs(rows)
     assert bad == []
+    implicit, _ = normalize_pairs(rows[2:3], prompt_column="chosen")
+    assert implicit[0].prompt == (user,) and implicit[0].chosen == "hello"
     assert [(p.chosen, p.rejected) for p in good] == [
         ("4", "5"),
         ("hello", "go away"),
