@@ -12,8 +12,12 @@ Also this machine's fp32 matmul GFLOP/s and the implied FLOP floor of a step
 
 Usage:
     .venv/bin/python benchmarks/grpo_step.py [--steps N] [--out benchmarks/results/grpo_step.json]
+        [--micro-batches 8,16,64] [--threads default,1] [--rollout-repeats 3] [--hf-repeats 2]
 
-Timings on a shared CPU are noisy: every number is reported as min and median over repeats.
+`--threads` reruns every phase with `torch.set_num_threads(N)` applied in the measured process
+(after vLLM start-up); `default` leaves torch's own choice (one thread per core).
+Timings on a shared CPU are noisy: every number is reported as min and median over repeats, and
+each step row records a matmul probe (GFLOP/s just before the step) to show the load it ran under.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ PROMPTS, SAMPLES, NEW_TOKENS = 8, 8, 128
 MAX_PROMPT_TOKENS = 128  # the config default; vLLM max_model_len = this + NEW_TOKENS
 SEED = 1234
 TARGETS = {"step_s": 11.0, "ours_vs_raw_max_slowdown": 0.05, "sync_share": 0.02}
+REF_GFLOPS = 179.0  # the issue's fp32 matmul rate of this machine type when idle
 PHASES = ("generate", "reward", "logprob", "train", "sync", "other", "step")
 BENCH = "[bench]"
 
@@ -59,7 +64,7 @@ def say(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ machine
-def matmul_gflops(size: int = 2048, iters: int = 8, trials: int = 5) -> dict[str, Any]:
+def matmul_gflops(size: int = 2048, iters: int = 4, trials: int = 10) -> dict[str, Any]:
     """fp32 `torch.matmul` GFLOP/s on size x size matrices: best and median over trials."""
     import torch
 
@@ -111,6 +116,19 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def apply_threads(threads: str) -> int:
+    """`torch.set_num_threads(int(threads))` unless `default`; returns the thread count in use.
+
+    Call it after any in-process vLLM engine is built: vLLM's CPU worker swaps
+    `torch.set_num_threads` for a no-op during start-up (VLLMEngine restores it).
+    """
+    import torch
+
+    if threads != "default":
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
 # ------------------------------------------------------------------ phase (a): rollout
 def bench_prompts(model_dir: str) -> list[list[int]]:
     """The first PROMPTS arithmetic train prompts, chat-templated and tokenised."""
@@ -147,10 +165,14 @@ def _raw_call(llm: Any, prompt_ids: list[list[int]], ignore_eos: bool) -> tuple[
     return seconds, tokens
 
 
-def run_rollout_phase(model_dir: str, repeats: int, with_hf: bool) -> dict[str, Any]:
-    """Interleaved repeats of raw vLLM, VLLMEngine, raw vLLM with ignore_eos, and HFEngine."""
-    import torch
+def run_rollout_phase(
+    model_dir: str, repeats: int, hf_repeats: int, threads: str
+) -> dict[str, Any]:
+    """Interleaved repeats of raw vLLM, VLLMEngine, raw vLLM with ignore_eos, and HFEngine.
 
+    The vLLM calls get one extra warm-up round first; HFEngine (no compilation, slow) runs in the
+    first `hf_repeats` rounds after it.
+    """
     from posttrain.models import load_reference, load_tokenizer
     from posttrain.rollout.engine import SamplingConfig
     from posttrain.rollout.hf import HFEngine
@@ -158,7 +180,8 @@ def run_rollout_phase(model_dir: str, repeats: int, with_hf: bool) -> dict[str, 
 
     ids = bench_prompts(model_dir)
     engine = VLLMEngine(model_dir, max_model_len=MAX_PROMPT_TOKENS + NEW_TOKENS, seed=0)
-    say(f"vLLM init {engine.init_seconds:.1f}s; torch threads {torch.get_num_threads()}")
+    n_threads = apply_threads(threads)
+    say(f"vLLM init {engine.init_seconds:.1f}s; torch threads {n_threads}")
     hf = HFEngine(load_reference(model_dir, "float32"), load_tokenizer(model_dir), batch_size=64)
     sampling = SamplingConfig(n=SAMPLES, max_new_tokens=NEW_TOKENS, seed=SEED)
 
@@ -176,22 +199,25 @@ def run_rollout_phase(model_dir: str, repeats: int, with_hf: bool) -> dict[str, 
         "vllm_raw": lambda: _raw_call(engine.llm, ids, ignore_eos=False),
         "vllm_ours": ours,
         "vllm_raw_ignore_eos": lambda: _raw_call(engine.llm, ids, ignore_eos=True),
+        "hf": hf_call,
     }
-    if with_hf:
-        calls["hf"] = hf_call
     runs: dict[str, list[tuple[float, int]]] = {k: [] for k in calls}
     same_tokens = True
-    for rep in range(repeats + 1):  # repeat 0 is the warm-up
+    for rep in range(repeats + 1):  # repeat 0 is the warm-up of the vLLM calls
         got = {}
         for name, fn in calls.items():
+            if name == "hf" and not 1 <= rep <= hf_repeats:
+                continue
             seconds, tokens = fn()
             got[name] = tokens
             if rep:
                 runs[name].append((seconds, sum(len(t) for t in tokens)))
             say(f"rollout rep {rep} {name}: {sum(len(t) for t in tokens)} tok in {seconds:.2f}s")
         same_tokens &= got["vllm_raw"] == got["vllm_ours"]
-    out: dict[str, Any] = {"identical_tokens_raw_vs_ours": same_tokens}
+    out: dict[str, Any] = {"identical_tokens_raw_vs_ours": same_tokens, "torch_threads": n_threads}
     for name, vals in runs.items():
+        if not vals:
+            continue
         out[name] = {
             "seconds": stats([s for s, _ in vals]),
             "tokens_per_s": stats([n / s for s, n in vals]),
@@ -248,7 +274,7 @@ STEP_KEYS = (
 )
 
 
-def run_step_phase(model_dir: str, micro_batch: int, steps: int) -> dict[str, Any]:
+def run_step_phase(model_dir: str, micro_batch: int, steps: int, threads: str) -> dict[str, Any]:
     """`steps` Trainer.train_step calls; the first is the warm-up and is reported separately."""
     import torch
 
@@ -260,8 +286,8 @@ def run_step_phase(model_dir: str, micro_batch: int, steps: int) -> dict[str, An
         t0 = time.perf_counter()
         trainer = Trainer(cfg)
         init_s = time.perf_counter() - t0
-        threads = torch.get_num_threads()
-        say(f"mb={micro_batch}: Trainer init {init_s:.1f}s; torch threads {threads}")
+        n_threads = apply_threads(threads)
+        say(f"mb={micro_batch}: Trainer init {init_s:.1f}s; torch threads {n_threads}")
         shapes: list[dict[str, Any]] = []
         make_batch = trainer.algorithm.make_batch
 
@@ -290,7 +316,7 @@ def run_step_phase(model_dir: str, micro_batch: int, steps: int) -> dict[str, An
                 f" trained_tok={row['nonpad_tokens']} padded_tok={row['padded_tokens']}"
                 f" matmul_probe={probe:.0f}GFLOP/s"
             )
-        threads = torch.get_num_threads()
+        n_threads = torch.get_num_threads()
         del trainer
     measured = rows[1:] if len(rows) > 1 else rows
     summary = {p: stats([r[p] for r in measured]) for p in PHASES}
@@ -300,7 +326,7 @@ def run_step_phase(model_dir: str, micro_batch: int, steps: int) -> dict[str, An
     return {
         "micro_batch": micro_batch,
         "init_s": init_s,
-        "torch_threads_after_init": threads,
+        "torch_threads": n_threads,
         "warmup_step": rows[0],
         "steps": measured,
         "summary": summary,
@@ -357,6 +383,7 @@ def flop_floor(params: int, step: dict[str, Any], gflops: float) -> dict[str, fl
         "tflop": flops / 1e12,
         "tflop_as_padded": flops_padded / 1e12,
         "floor_s": flops / (gflops * 1e9),
+        "floor_s_at_ref_gflops": flops / (REF_GFLOPS * 1e9),
         "floor_s_as_padded": flops_padded / (gflops * 1e9),
         "train_floor_s": 6 * params * trained / (gflops * 1e9),
         "generate_floor_s": 2 * params * gen / (gflops * 1e9),
@@ -369,68 +396,104 @@ def _fmt(st: dict[str, Any], scale: float = 1.0, digits: int = 2) -> str:
     return f"{st['min'] * scale:.{digits}f} / {st['median'] * scale:.{digits}f}"
 
 
+def print_rollout(ro: dict[str, Any]) -> None:
+    """Table (a)."""
+    print(f"(a) rollout, {PROMPTS} prompts x {SAMPLES} samples x <={NEW_TOKENS} tokens")
+    print(f"{'engine':<22}{'tok/sample':>11}{'seconds min / med':>20}{'tok/s max / med':>20}")
+    for name in ("vllm_raw", "vllm_ours", "vllm_raw_ignore_eos", "hf"):
+        if name not in ro:
+            continue
+        r, tps = ro[name], ro[name]["tokens_per_s"]
+        rate = f"{tps['max']:.0f} / {tps['median']:.0f}"
+        print(f"{name:<22}{r['tokens_per_sample']:>11.1f}{_fmt(r['seconds']):>20}{rate:>20}")
+    print(
+        f"ours/raw time, paired (min / med): {_fmt(ro['ours_over_raw_time'], digits=3)}; "
+        f"identical tokens: {ro['identical_tokens_raw_vs_ours']}"
+    )
+
+
+def print_steps(run: dict[str, Any]) -> None:
+    """Tables (b) and (c)."""
+    steps = run["steps"]
+    keys = list(steps)
+    print("(b) GRPO step via Trainer, seconds min / median (warm-up step skipped)")
+    print(f"{'phase':<14}" + "".join(f"{'mb=' + k:>17}" for k in keys))
+    for p in PHASES:
+        print(f"{p:<14}" + "".join(f"{_fmt(steps[k]['summary'][p]):>17}" for k in keys))
+    for label, key in (
+        ("gen tokens", "tokens/generated"),
+        ("trained tok", "nonpad_tokens"),
+        ("padded tok", "padded_tokens"),
+    ):
+        print(
+            f"{label:<14}" + "".join(f"{steps[k]['summary'][key]['median']:>17.0f}" for k in keys)
+        )
+    floors = "".join(f"{run['floor'][k]['floor_s']:>17.2f}" for k in keys)
+    print(f"{'FLOP floor s':<14}" + floors + "   (at the measured best matmul rate)")
+    floors = "".join(f"{run['floor'][k]['floor_s_at_ref_gflops']:>17.2f}" for k in keys)
+    print(f"{'floor @179':<14}" + floors + f"   (at {REF_GFLOPS:.0f} GFLOP/s, idle machine)")
+    shares = "".join(f"{_fmt(steps[k]['sync_share'], 100) + ' %':>17}" for k in keys)
+    print(f"{'(c) sync share':<14}" + shares)
+
+
 def print_tables(result: dict[str, Any]) -> None:
-    """Human-readable summary (min / median over the measured repeats)."""
+    """Human-readable summary of every run (one per thread setting)."""
     mm = result["matmul_gflops"]
-    print(f"\nfp32 matmul 2048^2: best {mm['best']:.1f} GFLOP/s, median {mm['median']:.1f}")
-    ro = result.get("rollout")
-    if ro:
-        print("\n(a) rollout, 8 prompts x 8 samples x <=128 tokens   [min / median]")
-        print(f"{'engine':<24}{'tok/sample':>11}{'seconds':>18}{'tokens/s (max / med)':>24}")
-        for name in ("vllm_raw", "vllm_ours", "vllm_raw_ignore_eos", "hf"):
-            if name not in ro:
-                continue
-            r = ro[name]
-            tps = r["tokens_per_s"]
-            print(
-                f"{name:<24}{r['tokens_per_sample']:>11.1f}{_fmt(r['seconds']):>18}"
-                f"{tps['max']:>14.0f} / {tps['median']:<7.0f}"
-            )
-        ratio = ro["ours_over_raw_time"]
-        print(
-            f"ours/raw time ratio (paired): {_fmt(ratio, digits=3)}; identical tokens: "
-            f"{ro['identical_tokens_raw_vs_ours']}"
-        )
-    steps = result.get("steps", {})
-    if steps:
-        keys = list(steps)
-        print("\n(b) GRPO step via Trainer, seconds [min / median], warm-up step skipped")
-        print(f"{'phase':<16}" + "".join(f"{'mb=' + k:>18}" for k in keys))
-        for p in PHASES:
-            print(f"{p:<16}" + "".join(f"{_fmt(steps[k]['summary'][p]):>18}" for k in keys))
-        for label, key in (("gen tokens", "tokens/generated"), ("trained tok", "nonpad_tokens")):
-            print(
-                f"{label:<16}"
-                + "".join(f"{steps[k]['summary'][key]['median']:>18.0f}" for k in keys)
-            )
-        print(
-            f"{'padded tok':<16}"
-            + "".join(f"{steps[k]['summary']['padded_tokens']['median']:>18.0f}" for k in keys)
-        )
-        floors = "".join(f"{result['floor'][k]['floor_s']:>18.2f}" for k in keys)
-        print(f"{'FLOP floor s':<16}" + floors)
-        print(
-            "(c) sync share  "
-            + "".join(f"{_fmt(steps[k]['sync_share'], 100, 2) + ' %':>18}" for k in keys)
-        )
-    for name, ok in result.get("targets_met", {}).items():
-        print(f"target {name}: {'met' if ok else 'NOT met'}")
+    print(
+        f"\nfp32 matmul 2048^2, default threads: best {mm['best']:.1f} GFLOP/s, "
+        f"median {mm['median']:.1f}; FLOP floors use {result['floor_gflops_used']:.1f}"
+    )
+    for label, run in result["runs"].items():
+        mm = run["matmul_gflops"]
+        print(f"\n=== torch threads: {label} (matmul best {mm['best']:.1f} GFLOP/s) ===")
+        if "rollout" in run:
+            print_rollout(run["rollout"])
+        if run["steps"]:
+            print_steps(run)
+        for name, ok in run["targets_met"].items():
+            print(f"target {name}: {'met' if ok else 'NOT met'}")
 
 
-def check_targets(result: dict[str, Any]) -> dict[str, bool]:
-    """Compare medians with the issue's targets."""
+def check_targets(run: dict[str, Any]) -> dict[str, bool]:
+    """Compare medians with the issue's targets (best micro-batch size for the step)."""
     out = {}
-    ro = result.get("rollout")
+    ro = run.get("rollout")
     if ro:
-        out["vllm_ours_within_5pct_of_raw"] = (
-            ro["ours_over_raw_time"]["median"] <= 1 + TARGETS["ours_vs_raw_max_slowdown"]
+        limit = 1 + TARGETS["ours_vs_raw_max_slowdown"]
+        out["vllm_ours_within_5pct_of_raw"] = ro["ours_over_raw_time"]["median"] <= limit
+    if run["steps"]:
+        best = min(run["steps"].values(), key=lambda s: s["summary"]["step"]["median"])
+        out[f"step_le_11s (mb={best['micro_batch']})"] = (
+            best["summary"]["step"]["median"] <= TARGETS["step_s"]
         )
-    steps = result.get("steps", {})
-    if steps:
-        best = min(steps.values(), key=lambda s: s["summary"]["step"]["median"])
-        out["step_le_11s"] = best["summary"]["step"]["median"] <= TARGETS["step_s"]
-        out["sync_share_lt_2pct"] = best["sync_share"]["median"] < TARGETS["sync_share"]
+        out["sync_share_lt_2pct"] = all(
+            s["sync_share"]["median"] < TARGETS["sync_share"] for s in run["steps"].values()
+        )
     return out
+
+
+def run_threads(args: argparse.Namespace, threads: str, log: Path) -> dict[str, Any]:
+    """Phases (a), (b), (c) with one torch thread setting."""
+    import torch
+
+    run: dict[str, Any] = {"threads": threads}
+    before = torch.get_num_threads()
+    run["matmul_gflops"] = matmul_gflops() if threads == "default" else None
+    if threads != "default":
+        torch.set_num_threads(int(threads))
+        run["matmul_gflops"] = matmul_gflops()
+        torch.set_num_threads(before)
+    say(f"threads {threads}: fp32 matmul best {run['matmul_gflops']['best']:.1f} GFLOP/s")
+    common = ["--threads", threads]
+    if not args.skip_rollout:
+        extra = ["--rollout-repeats", str(args.rollout_repeats)]
+        extra += ["--hf-repeats", str(args.hf_repeats)]
+        run["rollout"] = run_child(args, "rollout", common + extra, log)
+    run["steps"] = {}
+    for mb in args.micro_batches:
+        extra = ["--micro-batch", str(mb), "--steps", str(args.steps)]
+        run["steps"][str(mb)] = run_child(args, "step", common + extra, log)
+    return run
 
 
 def parent(args: argparse.Namespace) -> None:
@@ -447,27 +510,33 @@ def parent(args: argparse.Namespace) -> None:
     say(f"bench model {args.model_dir}: {result['params'] / 1e6:.2f}M params")
     result["matmul_gflops"] = matmul_gflops()
     say(f"fp32 matmul: best {result['matmul_gflops']['best']:.1f} GFLOP/s")
-    if not args.skip_rollout:
-        extra = ["--rollout-repeats", str(args.rollout_repeats)]
-        extra += ["--no-hf"] if args.no_hf else []
-        result["rollout"] = run_child(args, "rollout", extra, log)
-    result["steps"] = {}
-    for mb in args.micro_batches:
-        extra = ["--micro-batch", str(mb), "--steps", str(args.steps)]
-        result["steps"][str(mb)] = run_child(args, "step", extra, log)
+    result["runs"] = {}
+    for threads in args.threads:
+        say(f"--- torch threads: {threads}")
+        result["runs"][threads] = run_threads(args, threads, log)
     result["matmul_gflops_end"] = matmul_gflops()
-    gflops = max(result["matmul_gflops"]["best"], result["matmul_gflops_end"]["best"])
-    steps = result["steps"]
-    result["floor"] = {k: flop_floor(result["params"], s, gflops) for k, s in steps.items()}
+    rates = [result["matmul_gflops"], result["matmul_gflops_end"]]
+    rates += [r["matmul_gflops"] for r in result["runs"].values()]
+    gflops = max(r["best"] for r in rates)
     result["floor_gflops_used"] = gflops
+    for run in result["runs"].values():
+        run["floor"] = {k: flop_floor(result["params"], s, gflops) for k, s in run["steps"].items()}
+        run["targets_met"] = check_targets(run)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
-    result["targets_met"] = check_targets(result)
     print_tables(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {out}")
     tmp.cleanup()
+
+
+def _threads_list(text: str) -> list[str]:
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    for v in vals:
+        if v != "default" and not (v.isdigit() and int(v) > 0):
+            raise argparse.ArgumentTypeError(f"--threads: {v!r} is not 'default' or a count > 0")
+    return vals
 
 
 def main() -> None:
@@ -477,17 +546,23 @@ def main() -> None:
         "--steps",
         type=int,
         default=4,
-        help="Trainer steps per micro-batch size; "
-        "the first is a warm-up (>= 4 gives >= 3 measured)",
+        help="Trainer steps per micro-batch size; the first is a warm-up (4 -> 3 measured)",
     )
     ap.add_argument(
         "--micro-batches",
         type=lambda s: [int(x) for x in s.split(",")],
         default=[8, 16, 64],
-        help="comma-separated micro_batch_size_per_device values",
+        help="comma-separated train.micro_batch_size_per_device values (default 8,16,64)",
     )
-    ap.add_argument("--rollout-repeats", type=int, default=3, help="measured rollout repeats")
-    ap.add_argument("--no-hf", action="store_true", help="skip the HFEngine rollout")
+    ap.add_argument(
+        "--threads",
+        type=_threads_list,
+        default=["default"],
+        help="comma-separated torch intra-op thread settings to run everything with, e.g. "
+        "'default,1' (default: torch's own)",
+    )
+    ap.add_argument("--rollout-repeats", type=int, default=3, help="measured vLLM repeats")
+    ap.add_argument("--hf-repeats", type=int, default=2, help="HFEngine repeats (0 = skip)")
     ap.add_argument("--skip-rollout", action="store_true", help="skip phase (a)")
     ap.add_argument("--out", default="benchmarks/results/grpo_step.json")
     ap.add_argument("--model-dir", default=None, help="reuse a make_tiny(size='bench') directory")
@@ -499,10 +574,11 @@ def main() -> None:
     if args.phase is None:
         parent(args)
         return
+    threads = args.threads[0]
     if args.phase == "rollout":
-        data = run_rollout_phase(args.model_dir, args.rollout_repeats, not args.no_hf)
+        data = run_rollout_phase(args.model_dir, args.rollout_repeats, args.hf_repeats, threads)
     else:
-        data = run_step_phase(args.model_dir, args.micro_batch, args.steps)
+        data = run_step_phase(args.model_dir, args.micro_batch, args.steps, threads)
     Path(args.phase_out).write_text(json.dumps(data))
 
 

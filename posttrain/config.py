@@ -66,6 +66,7 @@ class DataConfig:
     completion_column: str = "completion"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
+    preference_negatives: int = 1
     train_size: int | None = 4000
     eval_source: str | None = None
     eval_size: int = 200
@@ -487,6 +488,10 @@ def _validate_sft_dpo_rm(cfg: Config) -> None:
     """Checks of the `sft`, `dpo` and `reward_model` sections."""
     s, d, rm = cfg.sft, cfg.dpo, cfg.reward_model
     _check(s.max_length >= 2, "sft.max_length must be >= 2 tokens")
+    _check(
+        1 <= cfg.data.preference_negatives <= 6,
+        "data.preference_negatives (wrong answers per arithmetic prompt) must be in 1..6",
+    )
     _check(d.beta > 0, "dpo.beta must be > 0 (e.g. 0.1)")
     _check(0 <= d.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)")
     if d.label_smoothing:

@@ -267,8 +267,7 @@ class Trainer:
                 bar.close()
                 bar = None
             if run_eval:
-                self.eval_after = self.algorithm.evaluate(self.step)
-                self.logger.log(self.step, self.eval_after)
+                self.eval_after = self._final_eval()
             if self.step > 0:
                 self.final_checkpoint = self.save("final")
         finally:
@@ -278,6 +277,17 @@ class Trainer:
         if dist.is_main():
             report.finish(self, run_eval)
         return self.history
+
+    def _final_eval(self) -> dict[str, float]:
+        """Evaluate the final weights (reusing the last step's eval if it ran at this step)."""
+        last = self.history[-1] if self.history else {}
+        reused = {k: v for k, v in last.items() if k.startswith("eval/")}
+        if reused:
+            return reused
+        result = self.algorithm.evaluate(self.step)
+        assert self.logger is not None
+        self.logger.log(self.step, result)
+        return result
 
     def _after_metrics(self, metrics: dict[str, float]) -> None:
         cfg = self.cfg

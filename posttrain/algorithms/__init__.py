@@ -110,14 +110,16 @@ ALGORITHMS["dpo"] = _build_dpo
 ALGORITHMS["reward_model"] = _build_reward_model
 
 
-def _load_reward_model(path: str, dtype: str, gradient_checkpointing: bool = False) -> Any:
+def _load_reward_model(
+    path: str, dtype: str, gradient_checkpointing: bool = False, lora: Any = None
+) -> Any:
     from posttrain.algorithms.reward_model import load_reward_model
 
-    return load_reward_model(path, dtype, gradient_checkpointing)
+    return load_reward_model(path, dtype, gradient_checkpointing, lora)
 
 
 # Which model class an algorithm trains, when not a causal LM (the default, `load_policy`).
-# Each loader takes (path, dtype, gradient_checkpointing) like `posttrain.models.load_policy`.
+# Each loader takes (path, dtype, gradient_checkpointing, lora) like `models.load_policy`.
 MODEL_LOADERS: dict[str, Any] = {"reward_model": _load_reward_model}
 
 

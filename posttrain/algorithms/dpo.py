@@ -53,20 +53,22 @@ def load_preference_data(
     """Train and held-out pairs for DPO / reward-model runs.
 
     `data.source: arithmetic` gives synthetic pairs (chosen = correct answer, rejected =
-    `arithmetic.wrong_answer`); other sources need prompt/chosen/rejected columns.
+    `arithmetic.wrong_answer`, `data.preference_negatives` per prompt); other sources need
+    prompt/chosen/rejected columns.
 
     Returns:
-        (train pairs, held-out pairs (at most `eval.num_problems`), dropped train rows).
+        (train pairs, held-out pairs (from the first `eval.num_problems` held-out rows),
+        dropped train rows).
     """
     from posttrain.algorithms import load_train_eval_rows
 
     d = cfg.data
     train_rows, held_rows = load_train_eval_rows(cfg)
-    if d.source == "arithmetic":
-        train_rows = arithmetic_pairs(train_rows, d.seed)
-    if (d.eval_source or d.source) == "arithmetic":
-        held_rows = arithmetic_pairs(held_rows, d.seed)
     held_rows = held_rows[: cfg.eval.num_problems]
+    if d.source == "arithmetic":
+        train_rows = arithmetic_pairs(train_rows, d.seed, d.preference_negatives)
+    if (d.eval_source or d.source) == "arithmetic":
+        held_rows = arithmetic_pairs(held_rows, d.seed, d.preference_negatives)
     cols = (d.prompt_column, d.chosen_column, d.rejected_column, margin)
     kw = {"max_length": max_length, "bad_rows": bad_rows, "section": section}
     train, dropped = build_pairs(

@@ -27,7 +27,7 @@ from posttrain.errors import ConfigError
 
 
 def load_reward_model(
-    path: str, dtype: str = "float32", gradient_checkpointing: bool = False
+    path: str, dtype: str = "float32", gradient_checkpointing: bool = False, lora: Any = None
 ) -> Any:
     """Load a scalar-head sequence classifier (num_labels=1) in train mode.
 
@@ -36,15 +36,21 @@ def load_reward_model(
             is initialised fresh; an RM checkpoint keeps its head).
         dtype: "float32" | "bfloat16" | "float16".
         gradient_checkpointing: enable non-reentrant activation checkpointing.
+        lora: `model.lora`; LoRA is not supported for reward models yet (r must be 0).
 
     Raises:
-        ConfigError: the model cannot be loaded, or neither its config nor its tokenizer names a
-            pad token (needed to find the last non-pad token).
+        ConfigError: the model cannot be loaded, LoRA is requested, or neither the model config
+            nor the tokenizer names a pad token (needed to find the last non-pad token).
     """
     from transformers import AutoModelForSequenceClassification
 
     from posttrain.models import DTYPES, load_tokenizer, resolve_model_path
 
+    if lora is not None and getattr(lora, "r", 0) > 0:
+        raise ConfigError(
+            "model.lora is not supported for train.algorithm=reward_model (the new score head "
+            "must train in full); set model.lora.r=0"
+        )
     name = resolve_model_path(path, "model.path")
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype={dtype!r}: valid values are {sorted(DTYPES)}")

@@ -75,21 +75,30 @@ class EncodedPair:
     margin: float = 0.0
 
 
-def arithmetic_pairs(rows: Sequence[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+def arithmetic_pairs(
+    rows: Sequence[dict[str, Any]], seed: int, negatives: int = 1
+) -> list[dict[str, Any]]:
     """Synthetic preference rows: chosen = the correct answer, rejected = a plausible wrong one.
 
     Args:
         rows: arithmetic rows `{"prompt": "37+45", "answer": "82"}`.
-        seed: the wrong answer of a row depends only on (seed, prompt), not on row order.
+        seed: the wrong answers of a row depend only on (seed, prompt), not on row order.
+        negatives: distinct wrong answers per prompt (one pair each, adjacent).
 
     Returns:
-        Rows `{"prompt", "chosen", "rejected", "answer"}`.
+        Rows `{"prompt", "answer", "chosen", "rejected"}`.
     """
     out = []
     for row in rows:
         rng = random.Random(f"preference:{seed}:{row['prompt']}")
-        rejected = wrong_answer(row, rng)
-        out.append({**row, "chosen": str(row["answer"]), "rejected": rejected})
+        wrong: list[str] = []
+        for _ in range(50 * negatives):
+            if len(wrong) == negatives:
+                break
+            w = wrong_answer(row, rng)
+            if w not in wrong:
+                wrong.append(w)
+        out.extend({**row, "chosen": str(row["answer"]), "rejected": w} for w in wrong)
     return out
 
 

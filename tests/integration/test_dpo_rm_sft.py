@@ -50,6 +50,39 @@ def test_sft_recipe_short_run_packed(tmp_path, tiny_model_dir):
     assert (t.final_checkpoint / "model.safetensors").is_file()
 
 
+def test_sft_on_a_conversation_file(tmp_path, tiny_model_dir):
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"{a}+{a}"},
+                {"role": "assistant", "content": str(2 * a)},
+                {"role": "user", "content": "and again?"},
+                {"role": "assistant", "content": f"{2 * a} again"},
+            ]
+        }
+        for a in range(12)
+    ]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = load_config(
+        RECIPES / "sft_tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            f"train.output_dir={tmp_path / 'run'}",
+            f"data.source={data}",
+            "data.prompt_column=messages",
+            "data.train_size=null",
+            "data.eval_size=4",
+            "train.sft_batch_size=8",
+            "train.steps=2",
+            "log.wandb=disabled",
+            "log.progress=false",
+        ],
+    )
+    _, history = _train(cfg)
+    assert len(history) == 2 and history[0]["tokens/trained"] > 8 * 4
+
+
 def test_dpo_recipe_short_run_with_warmup_and_cache(tmp_path, tiny_model_dir):
     extra = [f"model.path={tiny_model_dir}", f"train.output_dir={tmp_path}", "warmup.steps=2"]
     cfg = load_config(RECIPES / "dpo_tiny.yaml", [*extra, *SHORT, "dpo.pairs_per_step=8"])

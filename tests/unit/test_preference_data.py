@@ -67,6 +67,13 @@ def test_arithmetic_pairs_prefer_the_correct_answer():
     # deterministic, and a row's wrong answer does not depend on its position
     assert arithmetic_pairs(rows, seed=7) == pairs
     assert arithmetic_pairs(rows[::-1], seed=7) == pairs[::-1]
+    # several distinct negatives per prompt, the first one as with negatives=1
+    many = arithmetic_pairs(rows, seed=7, negatives=6)
+    assert len(many) == 6 * len(rows)
+    for i, p in enumerate(pairs):
+        group = many[6 * i : 6 * i + 6]
+        assert group[0] == p and len({g["rejected"] for g in group}) == 6
+        assert all(g["rejected"] != g["chosen"] for g in group)
 
 
 def test_normalize_strings_messages_and_implicit_prompt():
