@@ -55,13 +55,19 @@ def load_reward_model(
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype={dtype!r}: valid values are {sorted(DTYPES)}")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=1, dtype=DTYPES[dtype]
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=1, dtype=DTYPES[dtype], output_loading_info=True
         )
     except OSError as exc:
         raise ConfigError(
             f"model.path {name!r} could not be loaded as a reward model: {exc}"
         ) from exc
+    if any(k.startswith("score.") for k in info.get("missing_keys", ())):
+        # a fresh head: std 1/sqrt(hidden + 1) (as TRL / InstructGPT value heads) instead of
+        # initializer_range (0.02), so the body gets useful gradients from the first step
+        hidden = model.score.weight.shape[1]
+        with torch.no_grad():
+            model.score.weight.normal_(0.0, 1.0 / (hidden + 1) ** 0.5)
     if model.config.pad_token_id is None:
         pad = load_tokenizer(name).pad_token_id
         if pad is None:

@@ -92,8 +92,9 @@ def test_dpo_recipe_short_run_with_warmup_and_cache(tmp_path, tiny_model_dir):
     assert (tmp_path / "ref_logps.pt").is_file()
     for key in ("loss", "rewards/chosen", "rewards/rejected", "margin", "accuracy"):
         assert key in history[0], key
-    # policy == reference before the first update: loss log 2, zero margin
-    assert history[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
+    # policy == reference before the first update: loss log 2 (+ the RPO NLL), zero margin
+    assert cfg.dpo.nll_coef == 1.0
+    assert history[0]["loss"] == pytest.approx(0.693147 + history[0]["nll"], abs=1e-4)
     assert history[0]["margin"] == pytest.approx(0.0, abs=1e-4)
     assert set(t.eval_after) >= {"eval/pref_accuracy", "eval/reward_accuracy", "eval/margin"}
     assert t.eval_before["eval/reward_accuracy"] == 0.0  # margins are all exactly 0 at start
@@ -187,8 +188,8 @@ def test_dpo_zero2_one_process_equals_two_ranks(tmp_path, tiny_model_dir):
     ]
     two = _run_cli(torchrun, tmp_path / "two", tiny_model_dir, ["train.zero_stage=2"])
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
-    assert one[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
+    assert one[0]["loss"] == pytest.approx(0.693147 + one[0]["nll"], abs=1e-4)
     for a, b in zip(one, two, strict=True):
-        for key in ("loss", "margin", "accuracy", "rewards/chosen", "logps/chosen"):
+        for key in ("loss", "margin", "accuracy", "rewards/chosen", "logps/chosen", "nll"):
             assert b[key] == pytest.approx(a[key], abs=1e-5), key
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
