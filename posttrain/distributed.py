@@ -20,6 +20,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_AUTO_PORT_MARK = "POSTTRAIN_AUTO_MASTER_PORT"
+
+
+def _launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def on_gpu() -> bool:
     """True when CUDA is available (the GPU build of everything is used)."""
     return torch.cuda.is_available()
@@ -34,7 +41,15 @@ def setup_environment() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # A port we picked ourselves is still held by this process's group; a child process that
+    # inherits it (a CLI run started from a notebook or a test) must pick its own.
+    mark = os.environ.get(_AUTO_PORT_MARK, "")
+    parent_picked = mark.endswith(f":{os.environ.get('MASTER_PORT')}") and not mark.startswith(
+        f"{os.getpid()}:"
+    )
+    if "MASTER_PORT" not in os.environ or (parent_picked and not _launched_by_torchrun()):
+        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ[_AUTO_PORT_MARK] = f"{os.getpid()}:{os.environ['MASTER_PORT']}"
 
 
 def init_distributed() -> None:
