@@ -7,7 +7,7 @@
 #   DRY_RUN=1 launch/torchrun_grpo.sh          # print the command instead of running it
 #
 # Environment (defaults): NPROC (2) ranks, PORT (29500) rendezvous port, RECIPE
-# (recipes/quickstart.yaml), ENGINE (hf: in-process vLLM is single-rank for now), DS_CONFIG
+# (recipes/quickstart.yaml), ENGINE (hf; vllm = one colocated vLLM replica per rank), DS_CONFIG
 # (unset; a launch/deepspeed/*.json, sets train.zero_stage + train.deepspeed_config), PYTHON
 # (python), DRY_RUN (0).
 set -euo pipefail

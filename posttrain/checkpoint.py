@@ -58,14 +58,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def full_state_dict(engine: Any, merge_lora: bool = True) -> dict[str, torch.Tensor]:
+def full_state_dict(
+    engine: Any, merge_lora: bool = True, export: bool = True
+) -> dict[str, torch.Tensor]:
     """The model's full (un-sharded) state dict on CPU; gathers ZeRO-3 partitions.
 
     For a peft (LoRA) model, `merge_lora=True` returns the merged weights under the base model's
     names (`posttrain.lora.merge_lora_state_dict`; the model is not modified); False returns the
     peft model's own state dict (base weights + adapter tensors).
+    A module that trains more than it exports (PPO's `ActorCritic`: policy + critic) defines
+    `export_state_dict(full)`; with `export=True` only that part (the policy, under its own
+    names) is returned, for weight sync and `save_pretrained`.
     """
     module = engine.module if hasattr(engine, "module") else engine
+    if export and hasattr(module, "export_state_dict"):
+        return module.export_state_dict(full_state_dict(engine, merge_lora, export=False))
     if merge_lora and lora.is_peft(module):
         return lora.merged_state_dict(module, full_state_dict(engine, merge_lora=False))
     if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
@@ -113,6 +120,8 @@ def save(
         weights = lora.merged_state_dict(module, weights)
     if dist.is_main():
         module = lora.base_model(module)
+        if hasattr(module, "export_module"):  # PPO's ActorCritic saves only its policy
+            module = module.export_module()
         module.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))

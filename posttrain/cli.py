@@ -2,6 +2,7 @@
 
 posttrain train recipes/quickstart.yaml train.steps=20 rollout.temperature=0.8
 posttrain make-tiny runs/tiny-model
+posttrain eval runs/quickstart/checkpoints/final recipes/quickstart.yaml eval.seeds=[0,1,2,3]
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from posttrain.evalcmd import format_table, run_eval, split_args
+
+    recipe, overrides = split_args(args.args)
+    report = run_eval(args.model, recipe, overrides, args.out)
+    print(format_table(report))
+    print(f"  results + settings: {args.out}", flush=True)
+    return 0
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from posttrain.models import make_tiny
 
@@ -38,6 +49,20 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
     t.set_defaults(fn=_train)
+    e = sub.add_parser(
+        "eval",
+        help="greedy, avg@k over seeds and pass@k of a checkpoint or hub model on a recipe's "
+        "held-out set",
+    )
+    e.add_argument("model", help="a save_pretrained directory or a hub name")
+    e.add_argument(
+        "args",
+        nargs="*",
+        metavar="ARG",
+        help="an optional recipe YAML, then key.sub=value overrides",
+    )
+    e.add_argument("--out", default="eval_results.json", help="JSON report path")
+    e.set_defaults(fn=_eval)
     m = sub.add_parser("make-tiny", help="write the built-in tiny Qwen2 model + tokenizer")
     m.add_argument("out")
     m.add_argument("--size", default="tiny", choices=["tiny", "bench"])

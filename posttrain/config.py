@@ -57,8 +57,26 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    """One curriculum stage (SRPO two-stage training): its training prompts and step count.
+
+    `train_size: null` takes `data.train_size`. Stages run in order; stage i trains for `steps`
+    optimizer steps, and the last stage continues past its steps until `train.steps`.
+    """
+
+    source: str = "arithmetic"
+    task: dict = field(default_factory=dict)
+    steps: int = 1
+    train_size: int | None = None
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    """Where prompts come from. `source: arithmetic` is the built-in synthetic task."""
+    """Where prompts come from. `source: arithmetic` is the built-in synthetic task.
+
+    `stages` (a list of StageConfig) switches the training prompts by step count; `source`/`task`
+    still define the held-out set (and the SFT warm-up data).
+    """
 
     source: str = "arithmetic"
     task: dict = field(default_factory=dict)
@@ -73,6 +91,7 @@ class DataConfig:
     system_prompt: str | None = None
     max_prompt_tokens: int = 128
     seed: int = 0
+    stages: tuple[StageConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,11 +111,13 @@ class RolloutConfig:
     mask_truncated: bool = False
     overlong_penalty: bool = False
     overlong_buffer: int = 4
+    history_resampling: bool = False  # SRPO: all-correct prompts leave the pool after each epoch
 
 
 @dataclass(frozen=True)
 class AdvantageConfig:
-    """Advantage estimator (`grpo`, `dr_grpo`, `batch_std`, `rloo`, `reinforce_pp`, `opo`)."""
+    """Advantage estimator (`grpo`, `dr_grpo`, `batch_std`, `rloo`, `reinforce_pp`, `opo`;
+    `gae` with `train.algorithm: ppo` only)."""
 
     estimator: str = "grpo"
     eps: float = 1e-6
@@ -118,10 +139,18 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class KLConfig:
-    """KL to the reference model, in the loss (`coef`) with estimator k1/k2/k3."""
+    """KL to the reference model, in the loss (`coef`) with estimator k1/k2/k3.
+
+    PPO only: `in_reward: true` folds `coef * kl_t` into the token rewards instead of the loss;
+    `target` (KL per sample, summed over its tokens) turns on the adaptive controller
+    beta <- beta (1 + clip((KL - target) / target, -0.2, 0.2) * n / horizon), n = samples per step.
+    """
 
     coef: float = 0.0
     estimator: str = "k3"
+    in_reward: bool = False
+    target: float | None = None
+    horizon: int = 10000
 
 
 @dataclass(frozen=True)
@@ -164,6 +193,8 @@ class TrainConfig:
     resume: str | None = None
     sft_batch_size: int = 32
     deepspeed_config: str | None = None  # JSON merged over the generated config (launch/deepspeed/)
+    offload_optimizer: bool = False  # ZeRO >= 1: optimizer state + AdamW step in CPU memory
+    offload_params: bool = False  # ZeRO-3: parameters in CPU memory between uses
 
 
 @dataclass(frozen=True)
@@ -209,6 +240,35 @@ class RewardModelConfig:
 
 
 @dataclass(frozen=True)
+class PPOConfig:
+    """PPO with a critic (`train.algorithm: ppo`, `advantage.estimator: gae`).
+
+    `value_head`: `separate` (a scalar-head copy of the model, or `critic_path`) or `shared` (a
+    linear head on the policy's last hidden state). `value_clip`: eps_v (null = unclipped).
+    `critic_warmup_steps`: the first N steps train only the value loss. `critic_lr_multiplier`
+    scales the critic's learning rate (its own optimizer param group).
+    """
+
+    value_head: str = "separate"
+    critic_path: str | None = None
+    vf_coef: float = 0.1
+    value_clip: float | None = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    critic_warmup_steps: int = 0
+    whiten_advantages: bool = True
+    critic_lr_multiplier: float = 1.0
+
+
+@dataclass(frozen=True)
+class RebelConfig:
+    """REBEL (`train.algorithm: rebel`): regress (1/eta) x the pair's log-ratio difference onto
+    its reward difference. A smaller `eta` keeps the new policy closer to the step's old one."""
+
+    eta: float = 1.0
+
+
+@dataclass(frozen=True)
 class WarmupConfig:
     """Optional SFT warm-up run before the main algorithm (same trainer, `sft` algorithm)."""
 
@@ -226,6 +286,7 @@ class EvalConfig:
     k: int = 4
     seeds: tuple[int, ...] = (0, 1, 2)
     temperature: float = 1.0
+    top_p: float = 1.0
     max_new_tokens: int | None = None
     reward: str = "exact_answer"
 
@@ -258,6 +319,8 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    rebel: RebelConfig = field(default_factory=RebelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -266,15 +329,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.tiny_size": ("tiny", "bench"),
     "rollout.engine": ("vllm", "hf"),
-    "advantage.estimator": ("grpo", "dr_grpo", "batch_std", "rloo", "reinforce_pp", "opo"),
+    "advantage.estimator": ("grpo", "dr_grpo", "batch_std", "rloo", "reinforce_pp", "opo", "gae"),
     "loss.ratio_level": ("token", "sequence"),
     "loss.aggregation": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "kl.estimator": ("k1", "k2", "k3"),
     "optim.schedule": ("cosine", "linear", "constant"),
-    "train.algorithm": ("grpo", "sft", "dpo", "reward_model"),
+    "train.algorithm": ("grpo", "sft", "dpo", "reward_model", "ppo", "rebel"),
     "dpo.loss": ("sigmoid", "robust", "ipo", "hinge", "simpo", "length_normalized"),
     "dpo.bad_rows": ("drop", "error"),
     "reward_model.bad_rows": ("drop", "error"),
+    "ppo.value_head": ("separate", "shared"),
     "log.wandb": ("online", "offline", "disabled"),
 }
 
@@ -458,6 +522,14 @@ def validate(cfg: Config) -> None:
     _check(t.micro_batch_size_per_device >= 1, "train.micro_batch_size_per_device must be >= 1")
     _check(t.updates_per_batch >= 1, "train.updates_per_batch must be >= 1")
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
+    _check(
+        not t.offload_optimizer or t.zero_stage >= 1,
+        f"train.offload_optimizer needs train.zero_stage 1, 2 or 3 (got {t.zero_stage})",
+    )
+    _check(
+        not t.offload_params or t.zero_stage == 3,
+        f"train.offload_params needs train.zero_stage=3 (got {t.zero_stage})",
+    )
     _check(cfg.loss.clip_low >= 0 and cfg.loss.clip_high >= 0, "loss.clip_low/clip_high >= 0")
     _check(cfg.loss.clip_low < 1, "loss.clip_low must be < 1")
     if cfg.loss.dual_clip_c is not None:
@@ -474,7 +546,11 @@ def validate(cfg: Config) -> None:
     for i, rw in enumerate(cfg.rewards):
         _check(rw.weight == rw.weight, f"rewards[{i}].weight must be a number")
     _check(cfg.eval.k >= 1, "eval.k must be >= 1")
+    _check(0 < cfg.eval.top_p <= 1, "eval.top_p must be in (0, 1]")
+    _validate_stages_resampling(cfg)
     _validate_sft_dpo_rm(cfg)
+    _validate_ppo(cfg)
+    _validate_research_methods(cfg)
     _validate_lora_deepspeed(cfg)
     if cfg.model.path != "tiny" and Path(cfg.model.path).anchor == "/":
         _check(
@@ -482,6 +558,92 @@ def validate(cfg: Config) -> None:
             f"model.path: directory {cfg.model.path} does not exist (use 'tiny' for the "
             "built-in model, a local directory or a hub name)",
         )
+
+
+def _check_task_keys(task: dict, where: str) -> None:
+    """Every key of an arithmetic `task` mapping is an option of `arithmetic.make_split`."""
+    import inspect
+
+    from posttrain.data.arithmetic import make_split
+
+    params = inspect.signature(make_split).parameters
+    names = [p for p in params if p not in ("split", "n", "seed")]
+    for key in task:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{where}.{key}'{_closest(str(key), names)}")
+
+
+def _validate_stages_resampling(cfg: Config) -> None:
+    """Checks of `data.stages` and `rollout.history_resampling`."""
+    if cfg.data.task and cfg.data.source == "arithmetic":
+        _check_task_keys(cfg.data.task, "data.task")
+    stages = cfg.data.stages
+    for i, st in enumerate(stages):
+        _check(st.steps >= 1, f"data.stages[{i}].steps must be >= 1, got {st.steps}")
+        if st.train_size is not None:
+            _check(st.train_size >= 1, f"data.stages[{i}].train_size must be >= 1 or null")
+        if st.task:
+            _check(
+                st.source == "arithmetic",
+                f"data.stages[{i}].task is only valid for source 'arithmetic', not {st.source!r}",
+            )
+            _check_task_keys(st.task, f"data.stages[{i}].task")
+    total = sum(st.steps for st in stages)
+    _check(
+        total <= cfg.train.steps,
+        f"data.stages: the stage steps sum to {total}, more than train.steps="
+        f"{cfg.train.steps}; lower them or raise train.steps (the last stage runs to the end)",
+    )
+    if cfg.rollout.history_resampling:
+        names = [r.name for r in cfg.rewards]
+        _check(
+            cfg.eval.reward in names,
+            f"rollout.history_resampling judges correctness with eval.reward="
+            f"{cfg.eval.reward!r}, which is not one of the rewards ({', '.join(names)})",
+        )
+
+
+def _validate_ppo(cfg: Config) -> None:
+    """Checks of the `ppo` section, `advantage.estimator: gae` and the PPO-only `kl.*` keys."""
+    algo, est, p, kl, r = cfg.train.algorithm, cfg.advantage.estimator, cfg.ppo, cfg.kl, cfg.rollout
+    if algo != "ppo":
+        _check(est != "gae", f"advantage.estimator=gae needs train.algorithm=ppo (got {algo!r})")
+        changed = [f.name for f in dataclasses.fields(p) if getattr(p, f.name) != f.default]
+        _check(
+            not changed,
+            f"ppo.{', ppo.'.join(changed)} set, but train.algorithm={algo!r}; the ppo section "
+            "applies only to train.algorithm=ppo",
+        )
+        for key in ("in_reward", "target"):
+            _check(
+                getattr(kl, key) in (False, None),
+                f"kl.{key} is PPO-only; it needs train.algorithm=ppo (got {algo!r})",
+            )
+        return
+    _check(est == "gae", f"train.algorithm=ppo needs advantage.estimator=gae (got {est!r})")
+    _check(r.samples_per_prompt >= 1, "rollout.samples_per_prompt must be >= 1 for PPO")
+    n = r.prompts_per_step * r.samples_per_prompt
+    mb = cfg.train.micro_batch_size_per_device
+    _check(n % mb == 0, f"train.micro_batch_size_per_device={mb} must divide {n} samples/step")
+    _check(len(cfg.rewards) >= 1, "rewards: PPO needs at least one reward")
+    _check(
+        not r.filter_zero_variance_groups,
+        "rollout.filter_zero_variance_groups is for group baselines; not with train.algorithm=ppo",
+    )
+    _check(cfg.model.lora.r == 0, "model.lora.r must be 0 with train.algorithm=ppo (full tuning)")
+    _check(p.vf_coef > 0, "ppo.vf_coef must be > 0")
+    _check(p.value_clip is None or p.value_clip > 0, "ppo.value_clip must be > 0 or null (off)")
+    _check(0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
+    _check(p.critic_warmup_steps >= 0, "ppo.critic_warmup_steps must be >= 0")
+    _check(p.critic_lr_multiplier > 0, "ppo.critic_lr_multiplier must be > 0")
+    _check(
+        p.critic_path is None or p.value_head == "separate",
+        "ppo.critic_path needs ppo.value_head=separate (a shared head has no own weights)",
+    )
+    if kl.target is not None:
+        _check(kl.in_reward, "kl.target (adaptive KL controller) needs kl.in_reward=true")
+        _check(kl.target > 0 and kl.coef > 0, "kl.target and kl.coef must be > 0 (adaptive KL)")
+    _check(kl.horizon >= 1, "kl.horizon must be >= 1")
 
 
 def _validate_sft_dpo_rm(cfg: Config) -> None:
@@ -503,6 +665,48 @@ def _validate_sft_dpo_rm(cfg: Config) -> None:
     for name, sec in (("dpo", d), ("reward_model", rm)):
         _check(sec.pairs_per_step >= 1, f"{name}.pairs_per_step must be >= 1")
         _check(sec.max_length >= 2, f"{name}.max_length must be >= 2 tokens")
+
+
+def _validate_research_methods(cfg: Config) -> None:
+    """REBEL, OPO and RENT combined with options they cannot use: errors naming both."""
+    r, t = cfg.rollout, cfg.train
+    if t.algorithm == "rebel":
+        _check(cfg.rebel.eta > 0, f"rebel.eta must be > 0 (e.g. 1.0), got {cfg.rebel.eta}")
+        _check(r.samples_per_prompt >= 2, "rollout.samples_per_prompt must be >= 2 for REBEL")
+        _check(
+            t.micro_batch_size_per_device % r.samples_per_prompt == 0,
+            f"train.algorithm=rebel regresses pairs of a group inside one micro-batch: "
+            f"train.micro_batch_size_per_device={t.micro_batch_size_per_device} must be a "
+            f"multiple of rollout.samples_per_prompt={r.samples_per_prompt}",
+        )
+        _check(len(cfg.rewards) >= 1, "rewards: REBEL needs at least one reward")
+        unused = {
+            "loss.ratio_level=sequence": cfg.loss.ratio_level == "sequence",
+            f"loss.dual_clip_c={cfg.loss.dual_clip_c}": cfg.loss.dual_clip_c is not None,
+            f"loss.aggregation={cfg.loss.aggregation}": cfg.loss.aggregation != "token_mean",
+            f"loss.entropy_coef={cfg.loss.entropy_coef}": cfg.loss.entropy_coef != 0,
+            f"kl.coef={cfg.kl.coef}": cfg.kl.coef != 0,
+            f"advantage.estimator={cfg.advantage.estimator}": cfg.advantage.estimator != "grpo",
+            "advantage.entropy_modulation": cfg.advantage.entropy_modulation is not None,
+        }
+        for option, is_set in unused.items():
+            _check(
+                not is_set,
+                f"train.algorithm=rebel cannot use {option}: REBEL regresses sequence "
+                "log-ratio differences onto reward differences (no advantages, clipping, KL or "
+                "entropy terms); remove the option or use train.algorithm=grpo",
+            )
+    if cfg.advantage.estimator == "opo":
+        _check(
+            t.updates_per_batch == 1,
+            f"advantage.estimator=opo trains exactly on-policy (one optimizer step per rollout "
+            f"batch): train.updates_per_batch must be 1, got {t.updates_per_batch}",
+        )
+    _check(
+        cfg.eval.reward != "neg_entropy",
+        "eval.reward=neg_entropy: evaluation cannot supply the policy's token entropy that "
+        "neg_entropy needs (and it judges no answer); use an answer reward such as exact_answer",
+    )
 
 
 def _validate_lora_deepspeed(cfg: Config) -> None:

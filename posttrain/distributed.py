@@ -99,6 +99,15 @@ def all_reduce_sum(value: float) -> float:
     return float(t.item())
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order; `[obj]` when alone."""
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     """Wait for all ranks (no-op when alone)."""
     if torch.distributed.is_initialized() and world_size() > 1:
@@ -106,12 +115,22 @@ def barrier() -> None:
 
 
 def deepspeed_config(
-    *, zero_stage: int, micro_batch: int, max_grad_norm: float, dtype: str
+    *,
+    zero_stage: int,
+    micro_batch: int,
+    max_grad_norm: float,
+    dtype: str,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON config the trainer uses.
 
     Gradient accumulation is unmanaged: the trainer calls `backward` once per micro-batch and
     `step` once per optimizer step, so the number of micro-batches may vary between steps.
+    Offload (`train.offload_optimizer`, ZeRO >= 1; `train.offload_params`, ZeRO-3) puts the
+    optimizer state / parameters in CPU memory; posttrain's `torch.optim.AdamW` then steps on
+    the CPU (`zero_force_ds_cpu_optimizer: false`; DeepSpeed refuses a client optimizer with
+    offload otherwise). This runs on CPU-only machines too (no DeepSpeedCPUAdam build needed).
     """
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -122,6 +141,12 @@ def deepspeed_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if offload_optimizer or offload_params:
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    if offload_optimizer:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu()}
+    if offload_params:
+        cfg["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": on_gpu()}
     if dtype == "bfloat16":
         cfg["bf16"] = {"enabled": True}
     elif dtype == "float16":

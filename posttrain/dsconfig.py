@@ -214,5 +214,7 @@ def check_user_config(cfg: Any) -> None:
         micro_batch=cfg.train.micro_batch_size_per_device,
         max_grad_norm=cfg.optim.max_grad_norm,
         dtype=cfg.model.dtype,
+        offload_optimizer=cfg.train.offload_optimizer,
+        offload_params=cfg.train.offload_params,
     )
     apply_user_config(base, cfg.train.deepspeed_config)

@@ -7,11 +7,13 @@ settings, seeds and template are recorded next to every result.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
+from dataclasses import dataclass
 from typing import Any
 
 from posttrain.config import Config
-from posttrain.data.chat import encode_prompts
+from posttrain.data.chat import encode_prompts, render_prompt
 from posttrain.evalmath import pass_at_k
 from posttrain.rollout.engine import SamplingConfig
 from rewards import RewardSpec, score
@@ -31,16 +33,42 @@ def _correct(cfg: Config, rows: list[dict], completions: list[str], per_row: int
     return [1.0 if (v is not None and v >= 1.0) else 0.0 for v in result.total]
 
 
-def evaluate(engine: Any, tokenizer: Any, rows: list[dict], cfg: Config) -> dict[str, float]:
-    """Score the engine's current weights on held-out rows.
+@dataclass(frozen=True)
+class EvalDetails:
+    """Per-sample correctness of one evaluation (1.0 correct, 0.0 not).
+
+    Attributes:
+        greedy: [P] greedy correctness per problem.
+        sampled: [S][P][K] sampled correctness per seed, problem and sample.
+        seeds: the S seeds.
+        k: samples per problem per seed.
+    """
+
+    greedy: list[float]
+    sampled: list[list[list[float]]]
+    seeds: list[int]
+    k: int
+
+
+def evaluate_details(
+    engine: Any, tokenizer: Any, rows: list[dict], cfg: Config
+) -> EvalDetails | None:
+    """Generate and score greedy and sampled completions for the first `eval.num_problems` rows.
+
+    Args:
+        engine: a RolloutEngine holding the weights to evaluate.
+        tokenizer: its tokenizer (chat template).
+        rows: held-out rows (prompt column + the `eval.reward` columns).
+        cfg: the run config (`eval.*`, `data.system_prompt`, `data.max_prompt_tokens`).
 
     Returns:
-        `eval/greedy_acc`, `eval/avg@k_mean`, `eval/avg@k_std` (across seeds), `eval/pass@k`.
+        EvalDetails with greedy [P] and sampled [S][P][K] correctness; None when there are no
+        rows.
     """
     ev = cfg.eval
     rows = rows[: ev.num_problems]
     if not rows:
-        return {}
+        return None
     ids = encode_prompts(
         tokenizer,
         [r[cfg.data.prompt_column] for r in rows],
@@ -49,19 +77,26 @@ def evaluate(engine: Any, tokenizer: Any, rows: list[dict], cfg: Config) -> dict
     )
     max_new = ev.max_new_tokens or cfg.rollout.max_new_tokens
     greedy = engine.generate(ids, SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new))
-    greedy_acc = statistics.fmean(_correct(cfg, rows, [r.text for r in greedy], 1))
-    seed_accs, pass_vals = [], []
+    greedy_correct = _correct(cfg, rows, [r.text for r in greedy], 1)
+    sampled = []
     for seed in ev.seeds:
         sampling = SamplingConfig(
-            n=ev.k, temperature=ev.temperature, top_p=1.0, max_new_tokens=max_new, seed=seed
+            n=ev.k, temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=max_new, seed=seed
         )
         outs = engine.generate(ids, sampling)
         correct = _correct(cfg, rows, [r.text for r in outs], ev.k)
-        seed_accs.append(statistics.fmean(correct))
-        for i in range(len(rows)):
-            c = int(sum(correct[i * ev.k : (i + 1) * ev.k]))
-            pass_vals.append(pass_at_k(ev.k, c, ev.k))
-    k = ev.k
+        sampled.append([correct[i * ev.k : (i + 1) * ev.k] for i in range(len(rows))])
+    return EvalDetails(greedy_correct, sampled, list(ev.seeds), ev.k)
+
+
+def summarize(details: EvalDetails) -> dict[str, float]:
+    """The flat metrics logged during training (see `evaluate`)."""
+    k = details.k
+    greedy_acc = statistics.fmean(details.greedy)
+    seed_accs = [
+        statistics.fmean(c for problem in seed for c in problem) for seed in details.sampled
+    ]
+    pass_vals = [pass_at_k(k, int(sum(p)), k) for seed in details.sampled for p in seed]
     return {
         "eval/greedy_acc": greedy_acc,
         f"eval/avg@{k}_mean": statistics.fmean(seed_accs),
@@ -70,16 +105,40 @@ def evaluate(engine: Any, tokenizer: Any, rows: list[dict], cfg: Config) -> dict
     }
 
 
-def eval_settings(cfg: Config) -> dict[str, Any]:
-    """Decoding settings, seeds and template recorded next to every result."""
-    return {
+def evaluate(engine: Any, tokenizer: Any, rows: list[dict], cfg: Config) -> dict[str, float]:
+    """Score the engine's current weights on held-out rows.
+
+    Returns:
+        `eval/greedy_acc`, `eval/avg@k_mean`, `eval/avg@k_std` (across seeds), `eval/pass@k`
+        (mean over seeds and problems of pass@k from that seed's k samples); {} without rows.
+    """
+    details = evaluate_details(engine, tokenizer, rows, cfg)
+    return {} if details is None else summarize(details)
+
+
+def eval_settings(cfg: Config, tokenizer: Any = None, example_prompt: Any = None) -> dict[str, Any]:
+    """Decoding settings, seeds and template recorded next to every result.
+
+    Args:
+        cfg: the run config.
+        tokenizer: when given, the SHA-256 of its chat template is recorded.
+        example_prompt: when given (with `tokenizer`), one prompt rendered by the template.
+    """
+    out = {
         "num_problems": cfg.eval.num_problems,
         "k": cfg.eval.k,
         "seeds": list(cfg.eval.seeds),
         "temperature": cfg.eval.temperature,
+        "top_p": cfg.eval.top_p,
         "greedy": True,
         "max_new_tokens": cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
         "system_prompt": cfg.data.system_prompt,
         "template": "tokenizer chat template (add_generation_prompt=True)",
         "reward": cfg.eval.reward,
     }
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        out["chat_template_sha256"] = hashlib.sha256(template.encode("utf-8")).hexdigest()
+        if example_prompt is not None:
+            out["example_prompt"] = render_prompt(tokenizer, example_prompt, cfg.data.system_prompt)
+    return out

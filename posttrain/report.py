@@ -20,7 +20,7 @@ def finish(trainer: Any, evaluated: bool) -> None:
         result = {
             "before": trainer.eval_before,
             "after": trainer.eval_after,
-            "settings": eval_settings(cfg),
+            "settings": eval_settings(cfg, getattr(trainer, "tokenizer", None)),
         }
         (out / "eval.json").write_text(json.dumps(result, indent=2))
         for key in sorted(set(trainer.eval_before) | set(trainer.eval_after)):

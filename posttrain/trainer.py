@@ -25,12 +25,12 @@ import torch
 
 from posttrain import checkpoint, dsconfig, report
 from posttrain import distributed as dist
-from posttrain.algorithms import build_algorithm
+from posttrain.algorithms import build_algorithm, model_loader
 from posttrain.algorithms.base import model_inputs
-from posttrain.config import Config, replace, to_dict
+from posttrain.config import AdvantageConfig, Config, KLConfig, PPOConfig, replace, to_dict
 from posttrain.errors import ConfigError
 from posttrain.logging import RunLogger, progress
-from posttrain.models import load_policy, load_tokenizer, make_tiny
+from posttrain.models import load_tokenizer, make_tiny
 
 
 def lr_multiplier(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -129,6 +129,10 @@ class Trainer:
                 },
                 optim={"lr": w.lr, "warmup_steps": w.warmup_steps},
                 warmup={"steps": 0},
+                # the RL algorithm's own sections do not apply to the SFT warm-up
+                advantage=to_dict(AdvantageConfig()),
+                kl=to_dict(KLConfig()),
+                ppo=to_dict(PPOConfig()),
                 eval={"num_problems": 0},
             )
             Trainer(sub).train()
@@ -136,14 +140,18 @@ class Trainer:
 
     def _build_engine(self) -> Any:
         cfg = self.cfg
-        model = load_policy(
+        # a causal LM, or what the algorithm trains instead (RM: scalar head; PPO: ActorCritic)
+        model = model_loader(cfg.train.algorithm, cfg)(
             self.model_path,
             dtype=cfg.model.dtype,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
             lora=cfg.model.lora,
         )
         o = cfg.optim
-        params = [p for p in model.parameters() if p.requires_grad]
+        if hasattr(model, "optimizer_groups"):  # e.g. PPO: policy and critic param groups
+            params = model.optimizer_groups(o.lr)
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
         )
@@ -163,6 +171,8 @@ class Trainer:
             micro_batch=cfg.train.micro_batch_size_per_device,
             max_grad_norm=o.max_grad_norm,
             dtype=cfg.model.dtype,
+            offload_optimizer=cfg.train.offload_optimizer,
+            offload_params=cfg.train.offload_params,
         )
         ds_cfg = dsconfig.apply_user_config(ds_cfg, cfg.train.deepspeed_config)
         return dist.build_engine(model, optimizer, scheduler, ds_cfg)

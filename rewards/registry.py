@@ -21,6 +21,8 @@ from posttrain.errors import ConfigError
 from rewards.boundary import RewardResult, reward_metrics, score
 
 __all__ = [
+    "MODEL_COLUMNS",
+    "TOKEN_ENTROPY",
     "RewardConfigError",
     "RewardResult",
     "RewardSpec",
@@ -50,6 +52,7 @@ _BUILTIN: dict[str, str] = {
     "rubric": "rewards.rubric:rubric",
     "judge_verifier": "rewards.judge:judge_verifier",
     "reward_model": "rewards.reward_model:reward_model",
+    "neg_entropy": "rewards.entropy:neg_entropy",
 }
 
 # Arguments each built-in needs, from a dataset column or a RewardSpec kwarg of that name.
@@ -67,6 +70,14 @@ _BUILTIN_REQUIRED: dict[str, tuple[str, ...]] = {
     "rubric": ("rubric", "base_url", "model"),
     "judge_verifier": ("answer", "base_url", "model"),
     "reward_model": ("path",),
+    "neg_entropy": ("token_entropy",),
+}
+
+# Columns no dataset has: the sampling algorithm computes them from the policy and adds them to
+# the reward call (name -> what it is). A reward requiring one works only where it is supplied.
+TOKEN_ENTROPY = "token_entropy"
+MODEL_COLUMNS: dict[str, str] = {
+    TOKEN_ENTROPY: "each completion's mean token entropy under the policy at the step's start",
 }
 
 _USER: dict[str, RewardFn] = {}

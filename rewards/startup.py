@@ -10,7 +10,8 @@ listing, per reward:
   import; a reward listed twice;
 - a weight that is not a finite number, a ``timeout_s`` that is not positive;
 - a required column that is neither a dataset column nor a spec kwarg; a kwarg that collides with a
-  column; a kwarg the reward does not take (for rewards whose ``**_`` only swallows columns);
+  column; a policy-computed column (``token_entropy``) the caller does not supply; a kwarg the
+  reward does not take (for rewards whose ``**_`` only swallows columns);
 - for the judge rewards (``rubric``, ``judge_verifier``, or ``functools.partial`` of them):
   ``base_url``/``model`` given per row instead of once, unknown or invalid judge options, an invalid
   ``aggregation``, a rubric (kwarg, file or any row of the ``rubric`` column) that ``parse_rubric``
@@ -29,7 +30,13 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from posttrain.errors import ConfigError
-from rewards.registry import RewardConfigError, RewardSpec, get_reward, required_columns
+from rewards.registry import (
+    MODEL_COLUMNS,
+    RewardConfigError,
+    RewardSpec,
+    get_reward,
+    required_columns,
+)
 
 __all__ = ["validate_rewards"]
 
@@ -107,13 +114,33 @@ def _check_kwargs(name: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> 
     ]
 
 
+def _check_model_columns(spec: RewardSpec, columns: Mapping, supplied: Iterable[str]) -> list[str]:
+    """A policy-computed column (``MODEL_COLUMNS``) needs a caller that supplies it."""
+    out = []
+    for col in required_columns(spec.name):
+        if col not in MODEL_COLUMNS:
+            continue
+        if col not in supplied:
+            out.append(
+                f"reward {spec.name!r} needs {col!r} ({MODEL_COLUMNS[col]}), which only the "
+                "sampling algorithms (train.algorithm grpo, rebel) compute; it cannot be used "
+                "here (e.g. as eval.reward or with this algorithm)"
+            )
+        elif col in columns:
+            out.append(
+                f"reward {spec.name!r}: dataset column {col!r} would be overwritten by the "
+                "value computed from the policy; rename the column"
+            )
+    return out
+
+
 def _check_columns(spec: RewardSpec, kwargs: dict[str, Any], columns: Mapping) -> list[str]:
     present = sorted(columns)
     out = [
         f"reward {spec.name!r} needs {col!r} as a dataset column or a kwarg; "
         f"{_closest(col, present)}columns present: {present}"
         for col in required_columns(spec.name)
-        if col not in columns and col not in kwargs
+        if col not in columns and col not in kwargs and col not in MODEL_COLUMNS
     ]
     clash = sorted(set(spec.kwargs) & set(columns))
     if clash:
@@ -200,7 +227,9 @@ def _check_judge(
     return out
 
 
-def _check_spec(spec: RewardSpec, columns: Mapping, reach: dict) -> list[str]:
+def _check_spec(
+    spec: RewardSpec, columns: Mapping, reach: dict, supplied: Iterable[str] = ()
+) -> list[str]:
     """Every problem of one reward (empty when it is fine)."""
     name = spec.name
     try:
@@ -219,6 +248,7 @@ def _check_spec(spec: RewardSpec, columns: Mapping, reach: dict) -> list[str]:
     fn, bound = _unwrap(fn)
     kwargs = {**bound, **spec.kwargs}
     out += _check_columns(spec, kwargs, columns)
+    out += _check_model_columns(spec, columns, supplied)
     kind = _judge_kind(fn)
     if kind is not None:
         out += _check_judge(spec, kind, kwargs, columns, reach)
@@ -232,6 +262,7 @@ def validate_rewards(
     columns: Mapping[str, Any] | Iterable[str],
     *,
     check_judges: bool = True,
+    model_columns: Iterable[str] = (),
 ) -> list[RewardSpec]:
     """Check a run's rewards against its dataset once, before training.
 
@@ -244,6 +275,9 @@ def validate_rewards(
             the column names. Leave out the prompt column.
         check_judges: contact each judge server (``GET /v1/models``) unless a spec sets
             ``check: false``.
+        model_columns: the ``MODEL_COLUMNS`` (e.g. ``token_entropy``) the caller computes from
+            the policy and adds to every reward call; a reward needing one that is not supplied
+            here is an error (e.g. ``neg_entropy`` as the evaluation reward).
 
     Returns:
         The specs as ``RewardSpec``s, in order.
@@ -273,7 +307,7 @@ def validate_rewards(
             )
             continue
         seen.add(spec.name)
-        problems += _check_spec(spec, columns, reach)
+        problems += _check_spec(spec, columns, reach, tuple(model_columns))
     if check_judges:
         for name, client in reach.values():
             try:

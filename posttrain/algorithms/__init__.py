@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from posttrain import distributed as dist
@@ -21,8 +22,14 @@ def load_train_eval_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
         seed=d.seed,
         task_kwargs=d.task if d.source == "arithmetic" else None,
     )
+    return train, load_eval_rows(cfg)
+
+
+def load_eval_rows(cfg: Config) -> list[dict]:
+    """The held-out rows: `data.eval_source` (or `data.source`), split `test`, `eval_size` rows."""
+    d = cfg.data
     eval_source = d.eval_source or d.source
-    held = load_rows(
+    return load_rows(
         eval_source,
         prompt_column=d.prompt_column,
         split="test",
@@ -30,17 +37,19 @@ def load_train_eval_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
         seed=d.seed,
         task_kwargs=d.task if eval_source == "arithmetic" else None,
     )
-    return train, held
 
 
 def check_rewards(cfg: Config, rows: list[dict]) -> None:
     """Fail before training on any reward problem (name, column, kwarg, rubric, judge server)."""
+    from rewards.registry import TOKEN_ENTROPY
     from rewards.startup import validate_rewards
 
     col = cfg.data.prompt_column
     columns = {k: [row.get(k) for row in rows] for k in (rows[0] if rows else {}) if k != col}
+    # The sampling algorithms compute the policy's token entropy for rewards that need it (RENT).
+    supplied = (TOKEN_ENTROPY,) if cfg.train.algorithm in ("grpo", "rebel") else ()
     try:
-        validate_rewards(cfg.rewards, columns)
+        validate_rewards(cfg.rewards, columns, model_columns=supplied)
     except ValueError as err:
         raise ConfigError(f"rewards: {err}") from None
 
@@ -51,39 +60,63 @@ def make_rollout_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
 
     r = cfg.rollout
     if r.engine == "vllm":
-        if dist.world_size() > 1:
-            raise ConfigError(
-                "rollout.engine=vllm runs in a single process for now; use rollout.engine=hf "
-                "for multi-process runs"
-            )
-        return make_engine(
-            "vllm",
-            model_path,
-            max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens,
-            seed=cfg.train.seed,
-            kv_cache_gib=r.kv_cache_gib,
-            gpu_memory_utilization=r.gpu_memory_utilization,
-        )
+        kw: dict[str, Any] = {
+            "max_model_len": cfg.data.max_prompt_tokens + r.max_new_tokens,
+            "seed": cfg.train.seed,
+            "kv_cache_gib": r.kv_cache_gib,
+            "gpu_memory_utilization": r.gpu_memory_utilization,
+        }
+        if dist.world_size() == 1:
+            return make_engine("vllm", model_path, **kw)
+        # One colocated vLLM replica per rank; each samples a block of the step's prompts with
+        # per-prompt seeds and the rollouts are all-gathered (posttrain/rollout/sharded.py).
+        # The engine seed only matters for unseeded sampling: replicas must not repeat it.
+        from posttrain.rollout.sharded import ShardedEngine, make_vllm_replica
+
+        kw["seed"] = cfg.train.seed + dist.rank()
+        replica = make_vllm_replica(model_path, **kw)
+        return ShardedEngine(replica, dist.rank(), dist.world_size(), dist.all_gather_object)
     from posttrain.models import load_policy
 
     model = load_policy(model_path, dtype=cfg.model.dtype).to(dist.device())
     return make_engine("hf", model_path, model=model, tokenizer=tokenizer)
 
 
-def _build_grpo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Any:
-    from posttrain.algorithms.grpo import GRPO
+def make_rollout_source(cfg: Config, model_path: str, tokenizer: Any) -> Any:
+    """Prompts (and curriculum stages), checked rewards and a rollout engine: a RolloutSource."""
     from posttrain.algorithms.rollout_batch import RolloutSource
-    from posttrain.models import load_reference
+    from posttrain.data.curriculum import load_stage_rows
 
     train, held = load_train_eval_rows(cfg)
-    check_rewards(cfg, train)
+    stages = load_stage_rows(cfg)  # SRPO curriculum: [] without data.stages
+    for rows in stages or [train]:
+        check_rewards(cfg, rows)
     rollout = make_rollout_engine(cfg, model_path, tokenizer)
-    source = RolloutSource(cfg, tokenizer, rollout, train, held)
+    return RolloutSource(cfg, tokenizer, rollout, train, held, stages)
+
+
+def _build_grpo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Any:
+    from posttrain.algorithms.grpo import GRPO
+    from posttrain.models import load_reference
+
+    source = make_rollout_source(cfg, model_path, tokenizer)
     ref = None
     if cfg.kl.coef > 0:
         ref = load_reference(cfg.model.ref_path or model_path, dtype=cfg.model.dtype)
         ref = ref.to(dist.device())
     return GRPO(cfg, source, ref)
+
+
+def _build_rebel(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Any:
+    from posttrain.algorithms.rebel import Rebel
+
+    return Rebel(cfg, make_rollout_source(cfg, model_path, tokenizer))
+
+
+def _build_ppo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Any:
+    from posttrain.algorithms.ppo import build_ppo
+
+    return build_ppo(cfg, make_rollout_source(cfg, model_path, tokenizer), model_path, engine)
 
 
 def _build_sft(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Any:
@@ -108,26 +141,44 @@ def _build_reward_model(cfg: Config, model_path: str, tokenizer: Any, engine: An
 ALGORITHMS = {"grpo": _build_grpo, "sft": _build_sft}
 ALGORITHMS["dpo"] = _build_dpo
 ALGORITHMS["reward_model"] = _build_reward_model
+ALGORITHMS["ppo"] = _build_ppo
+ALGORITHMS["rebel"] = _build_rebel
 
 
 def _load_reward_model(
-    path: str, dtype: str, gradient_checkpointing: bool = False, lora: Any = None
+    path: str, dtype: str, gradient_checkpointing: bool = False, lora: Any = None, cfg: Any = None
 ) -> Any:
     from posttrain.algorithms.reward_model import load_reward_model
 
     return load_reward_model(path, dtype, gradient_checkpointing, lora)
 
 
+def _load_actor_critic(
+    path: str, dtype: str, gradient_checkpointing: bool = False, lora: Any = None, cfg: Any = None
+) -> Any:
+    from posttrain.algorithms.actor_critic import load_actor_critic
+
+    return load_actor_critic(path, dtype, gradient_checkpointing, lora, cfg)
+
+
 # Which model class an algorithm trains, when not a causal LM (the default, `load_policy`).
-# Each loader takes (path, dtype, gradient_checkpointing, lora) like `models.load_policy`.
-MODEL_LOADERS: dict[str, Any] = {"reward_model": _load_reward_model}
+# Each loader takes (path, dtype, gradient_checkpointing, lora) like `models.load_policy`, plus
+# the run Config as keyword `cfg` (None = defaults).
+MODEL_LOADERS: dict[str, Any] = {"reward_model": _load_reward_model, "ppo": _load_actor_critic}
 
 
-def model_loader(algorithm: str) -> Any:
-    """The function the trainer uses to load the trained model of `algorithm`."""
+def model_loader(algorithm: str, cfg: Config | None = None) -> Any:
+    """The function the trainer uses to load the trained model of `algorithm`.
+
+    Args:
+        algorithm: `train.algorithm`.
+        cfg: the run Config, handed to registered loaders (e.g. PPO's `ppo.value_head`).
+    """
     from posttrain.models import load_policy
 
-    return MODEL_LOADERS.get(algorithm, load_policy)
+    if algorithm not in MODEL_LOADERS:
+        return load_policy
+    return functools.partial(MODEL_LOADERS[algorithm], cfg=cfg)
 
 
 def build_algorithm(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Any:

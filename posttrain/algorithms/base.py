@@ -87,3 +87,19 @@ def shard_for_rank(n: int, rank: int, world: int) -> list[int]:
         raise ValueError(f"{n} samples cannot be split evenly over {world} ranks")
     per = n // world
     return list(range(rank * per, (rank + 1) * per))
+
+
+def trim_micro_batch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut a micro-batch's right padding to its own longest sequence.
+
+    `input_ids`/`attention_mask` [b, L] are cut to [b, W] (W = longest row), every other 2-D
+    tensor (per next-token target, [b, L-1]) to [b, W-1]; 1-D tensors [b] are kept.
+    """
+    width = int(mb["attention_mask"].sum(dim=1).max())
+    out = {}
+    for k, v in mb.items():
+        if v.dim() == 2:
+            out[k] = v[:, :width] if k in ("input_ids", "attention_mask") else v[:, : width - 1]
+        else:
+            out[k] = v
+    return out

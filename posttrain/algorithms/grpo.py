@@ -17,7 +17,13 @@ from posttrain import advantages as adv_fn
 from posttrain import distributed as dist
 from posttrain import losses
 from posttrain.algorithms.base import StepBatch, chunk_indices, pad_right, shard_for_rank
-from posttrain.algorithms.rollout_batch import RolloutSource, sequences_to_tensors
+from posttrain.algorithms.base import trim_micro_batch as _trim
+from posttrain.algorithms.rollout_batch import (
+    RolloutSource,
+    check_on_policy,
+    policy_token_stats,
+    sequences_to_tensors,
+)
 from posttrain.config import Config
 
 
@@ -42,7 +48,9 @@ class GRPO:
     def make_batch(self, step: int, model: torch.nn.Module) -> StepBatch:
         """Generate, score and turn one step's groups into micro-batches for this rank."""
         cfg = self.cfg
-        groups, metrics = self.source.collect_groups(step)
+        groups, metrics = self.source.collect_groups(step, model)
+        if cfg.advantage.estimator == "opo":  # OPO is exactly on-policy: one update per batch
+            check_on_policy(groups, step * cfg.train.updates_per_batch)
         P, G = len(groups), cfg.rollout.samples_per_prompt
         rewards = torch.tensor(
             [[s.reward if s.reward is not None else 0.0 for s in g] for g in groups]
@@ -77,67 +85,20 @@ class GRPO:
         metrics["advantage/abs_mean"] = float(seq_adv[valid].abs().mean()) if valid.any() else 0.0
         return StepBatch(micro, metrics, updates=cfg.train.updates_per_batch)
 
-    @torch.no_grad()
     def _add_old_and_ref(self, t: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
         """Fill logp_old / entropy_old (current policy) and logp_ref, without grad."""
-        temp = self.cfg.rollout.temperature
-        size = self.cfg.train.micro_batch_size_per_device
-        olds, ents, refs = [], [], []
-        for idx in chunk_indices(t["input_ids"].shape[0], size):
-            ids, att = t["input_ids"][idx], t["attention_mask"][idx]
-            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
-            olds.append(losses.token_logprobs(logits, ids[:, 1:], temp))
-            ents.append(losses.token_entropy(logits, temp))
-            if self.ref_model is not None:
-                ref_logits = self.ref_model(input_ids=ids, attention_mask=att).logits[:, :-1]
-                refs.append(losses.token_logprobs(ref_logits, ids[:, 1:], temp))
-        t["logp_old"] = torch.cat(olds)
-        t["entropy_old"] = torch.cat(ents)
-        if refs:
-            t["logp_ref"] = torch.cat(refs)
+        cfg = self.cfg
+        size = cfg.train.micro_batch_size_per_device
+        t.update(policy_token_stats(model, t, cfg.rollout.temperature, size, self.ref_model))
 
     # ---------------------------------------------------------------- loss
     def loss(
         self, outputs: Any, mb: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """This micro-batch's share of the step loss and metrics."""
-        cfg, lc = self.cfg, self.cfg.loss
-        logits = outputs.logits[:, :-1]
-        logp = losses.token_logprobs(logits, mb["input_ids"][:, 1:], cfg.rollout.temperature)
-        mask = mb["mask"]
-        logp_old = mb["logp_old"] if "logp_old" in mb else logp.detach()
-        loss_tok, stats = losses.policy_loss(
-            logp,
-            logp_old,
-            mb["adv"],
-            mask,
-            clip_low=lc.clip_low,
-            clip_high=lc.clip_high,
-            dual_clip_c=lc.dual_clip_c,
-            ratio_level=lc.ratio_level,
+        return clipped_policy_loss(
+            self.cfg, outputs.logits, mb, self.denominator, self.token_total, self.cfg.kl.coef
         )
-        d, n_tok = self.denominator, self.token_total
-        shares: dict[str, float] = {}
-        mismatch = (logp_old - mb["logp_roll"]).abs() * mask
-        shares["tis/mismatch_abs_mean"] = float(mismatch.sum()) / n_tok
-        if lc.tis_cap is not None:
-            w, tis = losses.tis_weights(logp_old, mb["logp_roll"], mask, lc.tis_cap)
-            loss_tok = loss_tok * w
-            shares["tis/capped_frac"] = float(tis["capped_count"]) / n_tok
-        if cfg.kl.coef > 0:
-            kl = losses.kl_estimate(logp, mb["logp_ref"], cfg.kl.estimator)
-            loss_tok = loss_tok + cfg.kl.coef * kl
-            shares["kl"] = float((kl.detach() * mask).sum()) / n_tok
-        if lc.entropy_coef:
-            entropy = losses.token_entropy(logits, cfg.rollout.temperature)
-            loss_tok = loss_tok - lc.entropy_coef * entropy
-        else:  # metric only: no graph through the [b, T, V] entropy
-            with torch.no_grad():
-                entropy = losses.token_entropy(logits.detach(), cfg.rollout.temperature)
-        shares["entropy"] = float((entropy.detach() * mask).sum()) / n_tok
-        shares["clip_frac"] = float((stats["clipped"].float() * mask).sum()) / n_tok
-        loss = losses.aggregate(loss_tok, mask, lc.aggregation, d, cfg.rollout.max_new_tokens)
-        return loss, shares
 
     # ---------------------------------------------------------- lifecycle
     def after_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
@@ -157,16 +118,68 @@ class GRPO:
         self.source.load_state_dict(state)
 
 
-def _trim(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut a micro-batch's right padding to its own longest sequence."""
-    width = int(mb["attention_mask"].sum(dim=1).max())
-    out = {}
-    for k, v in mb.items():
-        if v.dim() == 2:
-            out[k] = v[:, :width] if k in ("input_ids", "attention_mask") else v[:, : width - 1]
-        else:
-            out[k] = v
-    return out
+def clipped_policy_loss(
+    cfg: Config,
+    logits: torch.Tensor,
+    mb: dict[str, torch.Tensor],
+    denominator: float,
+    token_total: float,
+    kl_coef: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's share of the clipped policy loss (shared by GRPO and PPO).
+
+    The clipped surrogate (token or sequence ratio), TIS correction, KL-in-loss and entropy
+    terms, aggregated with whole-step denominators (`loss.*` options).
+
+    Args:
+        cfg: run config (`loss`, `kl.estimator`, `rollout.temperature`, `max_new_tokens`).
+        logits: [b, L, V] model logits of the micro-batch.
+        mb: `input_ids` [b, L]; `mask`, `adv`, `logp_roll` [b, L-1]; optional `logp_old` (else
+            the detached current log-probs) and `logp_ref` (needed when kl_coef > 0).
+        denominator: the step's global aggregation denominator.
+        token_total: the step's global count of loss tokens (metric shares).
+        kl_coef: weight of the KL-to-reference term in the loss (0 = off).
+
+    Returns:
+        (loss share, metric shares).
+    """
+    lc = cfg.loss
+    logits = logits[:, :-1]
+    logp = losses.token_logprobs(logits, mb["input_ids"][:, 1:], cfg.rollout.temperature)
+    mask = mb["mask"]
+    logp_old = mb["logp_old"] if "logp_old" in mb else logp.detach()
+    loss_tok, stats = losses.policy_loss(
+        logp,
+        logp_old,
+        mb["adv"],
+        mask,
+        clip_low=lc.clip_low,
+        clip_high=lc.clip_high,
+        dual_clip_c=lc.dual_clip_c,
+        ratio_level=lc.ratio_level,
+    )
+    d, n_tok = denominator, token_total
+    shares: dict[str, float] = {}
+    mismatch = (logp_old - mb["logp_roll"]).abs() * mask
+    shares["tis/mismatch_abs_mean"] = float(mismatch.sum()) / n_tok
+    if lc.tis_cap is not None:
+        w, tis = losses.tis_weights(logp_old, mb["logp_roll"], mask, lc.tis_cap)
+        loss_tok = loss_tok * w
+        shares["tis/capped_frac"] = float(tis["capped_count"]) / n_tok
+    if kl_coef > 0:
+        kl = losses.kl_estimate(logp, mb["logp_ref"], cfg.kl.estimator)
+        loss_tok = loss_tok + kl_coef * kl
+        shares["kl"] = float((kl.detach() * mask).sum()) / n_tok
+    if lc.entropy_coef:
+        entropy = losses.token_entropy(logits, cfg.rollout.temperature)
+        loss_tok = loss_tok - lc.entropy_coef * entropy
+    else:  # metric only: no graph through the [b, T, V] entropy
+        with torch.no_grad():
+            entropy = losses.token_entropy(logits.detach(), cfg.rollout.temperature)
+    shares["entropy"] = float((entropy.detach() * mask).sum()) / n_tok
+    shares["clip_frac"] = float((stats["clipped"].float() * mask).sum()) / n_tok
+    loss = losses.aggregate(loss_tok, mask, lc.aggregation, d, cfg.rollout.max_new_tokens)
+    return loss, shares
 
 
-__all__ = ["GRPO", "pad_right"]
+__all__ = ["GRPO", "clipped_policy_loss", "pad_right"]

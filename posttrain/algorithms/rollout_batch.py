@@ -1,8 +1,9 @@
 """Prompts -> rollout engine -> rewards -> scored groups, plus weight sync and evaluation.
 
-Shared by every algorithm that samples (GRPO family now, PPO later). Every rank generates the
-same full batch from the same seeds and trains on its own shard, so a 2-rank run sees exactly
-the data of a 1-rank run.
+Shared by every algorithm that samples (GRPO family now, PPO later). Every rank gets the same
+full batch from the same seeds (the `hf` engine generates all of it on every rank; multi-rank
+vLLM samples a block of prompts per rank and all-gathers, `posttrain/rollout/sharded.py`) and
+trains on its own shard, so a 2-rank run sees exactly the data of a 1-rank run.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ import torch
 
 from posttrain import advantages as adv_fn
 from posttrain import distributed as dist
-from posttrain.algorithms.base import pad_right
-from posttrain.checkpoint import full_state_dict
+from posttrain import losses
+from posttrain.algorithms.base import chunk_indices, pad_right
 from posttrain.config import Config
 from posttrain.data.chat import encode_prompts
-from posttrain.data.stream import RowStream
+from posttrain.data.curriculum import PromptSchedule, load_stage_rows
+from posttrain.errors import ConfigError
 from posttrain.eval import evaluate
 from posttrain.rollout.engine import Rollout, SamplingConfig
+from posttrain.weight_sync import push_weights
 from rewards import RewardSpec, score
 from rewards.boundary import reward_metrics
+from rewards.registry import TOKEN_ENTROPY, required_columns
 
 
 @dataclass
@@ -77,6 +81,87 @@ def sequences_to_tensors(
     }
 
 
+@torch.no_grad()
+def policy_token_stats(
+    model: Any,
+    t: dict[str, torch.Tensor],
+    temperature: float,
+    micro_size: int,
+    ref_model: Any | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-token log-probs and entropies of the current policy (and the reference), without grad.
+
+    Args:
+        model: the trained policy (DeepSpeed engine or causal LM), as it is now.
+        t: `input_ids`, `attention_mask` [N, L].
+        temperature: the sampler's temperature (logits are divided by it).
+        micro_size: rows per forward pass.
+        ref_model: frozen reference model, or None.
+
+    Returns:
+        `logp_old`, `entropy_old` (and `logp_ref` with a reference): [N, L-1] float32 on the CPU,
+        aligned with the next-token targets `input_ids[:, 1:]`.
+    """
+    device = dist.device()
+    olds, ents, refs = [], [], []
+    for idx in chunk_indices(t["input_ids"].shape[0], micro_size):
+        ids, att = t["input_ids"][idx].to(device), t["attention_mask"][idx].to(device)
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+        olds.append(losses.token_logprobs(logits, ids[:, 1:], temperature).cpu())
+        ents.append(losses.token_entropy(logits, temperature).cpu())
+        if ref_model is not None:
+            ref_logits = ref_model(input_ids=ids, attention_mask=att).logits[:, :-1]
+            refs.append(losses.token_logprobs(ref_logits, ids[:, 1:], temperature).cpu())
+    out = {"logp_old": torch.cat(olds), "entropy_old": torch.cat(ents)}
+    if refs:
+        out["logp_ref"] = torch.cat(refs)
+    return out
+
+
+def completion_entropy(
+    model: Any, rollouts: list[Rollout], pad_id: int, temperature: float, micro_size: int
+) -> list[float | None]:
+    """Each completion's mean token entropy under the current policy (RENT), without grad.
+
+    Args:
+        model: the trained policy at the start of the step (the `logp_old` policy).
+        rollouts: N sampled completions.
+        pad_id: padding token id.
+        temperature: the sampler's temperature.
+        micro_size: rows per forward pass.
+
+    Returns:
+        [N] mean_t H_{i,t} over the completion tokens (the distributions each completion token was
+        sampled from); None for an empty completion.
+    """
+    ids = [r.prompt_ids + r.completion_ids for r in rollouts]
+    t = {
+        "input_ids": pad_right(ids, pad_id, torch.long),
+        "attention_mask": pad_right([[1] * len(x) for x in ids], 0, torch.long),
+    }
+    entropy = policy_token_stats(model, t, temperature, micro_size)["entropy_old"]  # [N, L-1]
+    out: list[float | None] = []
+    for i, r in enumerate(rollouts):
+        start, n = len(r.prompt_ids) - 1, len(r.completion_ids)
+        out.append(float(entropy[i, start : start + n].mean()) if n else None)
+    return out
+
+
+def check_on_policy(groups: list[list[Sample]], version: int) -> None:
+    """Raise unless every sample was drawn with the trainer's current weights (`version`).
+
+    Raises:
+        RuntimeError: naming the stale weight versions found.
+    """
+    stale = sorted({s.rollout.weight_version for g in groups for s in g} - {version})
+    if stale:
+        raise RuntimeError(
+            f"advantage.estimator=opo trains exactly on-policy, but rollouts were sampled with "
+            f"weight version(s) {stale} while the trainer's weights are version {version}; the "
+            "rollout engine must receive the trainer's weights after every optimizer step"
+        )
+
+
 class RolloutSource:
     """Owns the prompt stream, the rollout engine and the reward specs of a run.
 
@@ -85,6 +170,8 @@ class RolloutSource:
         tokenizer: the policy tokenizer (chat template).
         engine: a RolloutEngine.
         train_rows, eval_rows: dataset rows with a prompt column and reward columns.
+        stage_rows: the training rows of each `data.stages` entry (they replace `train_rows`);
+            None loads them from the config.
     """
 
     def __init__(
@@ -94,15 +181,26 @@ class RolloutSource:
         engine: Any,
         train_rows: list[dict[str, Any]],
         eval_rows: list[dict[str, Any]],
+        stage_rows: list[list[dict[str, Any]]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.engine = engine
-        self.stream = RowStream(train_rows, seed=cfg.data.seed)
+        if stage_rows is None:
+            stage_rows = load_stage_rows(cfg)
+        self.stream = PromptSchedule(  # SRPO stages and history resampling
+            stage_rows or [train_rows],
+            [s.steps for s in cfg.data.stages],
+            seed=cfg.data.seed,
+            resample=cfg.rollout.history_resampling,
+            min_size=cfg.rollout.prompts_per_step,
+        )
         self.eval_rows = eval_rows
         self.specs = [RewardSpec(r.name, r.weight, dict(r.kwargs)) for r in cfg.rewards]
         self.pad_id = int(tokenizer.pad_token_id)
         self.weight_version = 0
+        # RENT-style rewards read the policy's own token entropy as a column.
+        self.needs_entropy = any(TOKEN_ENTROPY in required_columns(s.name) for s in self.specs)
 
     def _sampling(self, step: int, round_: int) -> SamplingConfig:
         r = self.cfg.rollout
@@ -115,7 +213,9 @@ class RolloutSource:
             seed=seed,
         )
 
-    def _score_round(self, rows: list[dict[str, Any]], step: int, round_: int) -> tuple:
+    def _score_round(
+        self, rows: list[dict[str, Any]], step: int, round_: int, model: Any = None
+    ) -> tuple:
         cfg = self.cfg
         col = cfg.data.prompt_column
         prompts = [row[col] for row in rows]
@@ -128,6 +228,8 @@ class RolloutSource:
         G = cfg.rollout.samples_per_prompt
         rep = [rows[i // G] for i in range(len(rollouts))]
         columns = {k: [row[k] for row in rep] for k in rows[0] if k != col}
+        if self.needs_entropy:
+            columns[TOKEN_ENTROPY] = self._entropy_column(model, rollouts)
         result = score(
             self.specs,
             [row[col] for row in rep],
@@ -138,8 +240,33 @@ class RolloutSource:
         t2 = time.perf_counter()
         return rollouts, result, t1 - t0, t2 - t1
 
-    def collect_groups(self, step: int) -> tuple[list[list[Sample]], dict[str, float]]:
-        """Generate and score until `prompts_per_step` groups are ready (dynamic sampling)."""
+    def _entropy_column(self, model: Any, rollouts: list[Rollout]) -> list[float | None]:
+        """The `token_entropy` column: each completion's mean token entropy under `model`."""
+        if model is None:
+            raise ConfigError(
+                f"a reward needs the {TOKEN_ENTROPY!r} column (the policy's token entropy, e.g. "
+                "neg_entropy), but this algorithm does not pass its model to collect_groups; "
+                "use train.algorithm=grpo or rebel"
+            )
+        cfg = self.cfg
+        return completion_entropy(
+            model,
+            rollouts,
+            self.pad_id,
+            cfg.rollout.temperature,
+            cfg.train.micro_batch_size_per_device,
+        )
+
+    def collect_groups(
+        self, step: int, model: Any = None
+    ) -> tuple[list[list[Sample]], dict[str, float]]:
+        """Generate and score until `prompts_per_step` groups are ready (dynamic sampling).
+
+        Args:
+            step: the optimizer-step batch index (seeds the sampling).
+            model: the trained policy as it is now; needed only by rewards that read the
+                policy's token entropy (`token_entropy` column, e.g. neg_entropy).
+        """
         r = self.cfg.rollout
         G = r.samples_per_prompt
         kept: list[list[Sample]] = []
@@ -148,15 +275,18 @@ class RolloutSource:
         all_samples: list[Sample] = []
         reward_stats: list[dict[str, float]] = []
         rounds = 0
+        self.stream.set_step(step)
         while len(kept) < r.prompts_per_step and rounds < max(1, r.max_generation_rounds):
             need = r.prompts_per_step - len(kept)
-            rows = self.stream.take(need)
-            rollouts, result, t_gen, t_rew = self._score_round(rows, step, rounds)
+            indices = self.stream.take_indices(need)
+            rows = [self.stream.rows[i] for i in indices]
+            rollouts, result, t_gen, t_rew = self._score_round(rows, step, rounds, model)
             rounds += 1
             metrics["time/generate_s"] += t_gen
             metrics["time/reward_s"] += t_rew
             stats = reward_metrics(result)
             correct = result.per_reward.get(self.cfg.eval.reward)
+            self.stream.record(indices, correct)
             if correct is not None:
                 judged = [v for v in correct if v is not None]
                 stats["accuracy"] = sum(v >= 1.0 for v in judged) / max(len(judged), 1)
@@ -176,6 +306,7 @@ class RolloutSource:
         metrics["sampling/rounds"] = float(rounds)
         metrics["sampling/dropped_groups"] = float(len(dropped))
         metrics["sampling/filled_uninformative_groups"] = float(max(0, len(groups) - len(kept)))
+        metrics.update(self.stream.metrics())
         return groups, metrics
 
     def _shape(self, rollouts: list[Rollout], totals: list[float | None]) -> list[Sample]:
@@ -195,12 +326,13 @@ class RolloutSource:
 
     # ----------------------------------------------------------- weights
     def sync_weights(self, model: Any, version: int) -> dict[str, float]:
-        """Push the trainer's current weights into the rollout engine."""
-        t0 = time.perf_counter()
-        weights = full_state_dict(model)
-        self.engine.load_weights(iter(weights.items()), version)
+        """Stream the trainer's current weights into the rollout engine (every rank calls this).
+
+        ZeRO-3 parameters are gathered a bounded bucket at a time (`posttrain.weight_sync`).
+        """
+        metrics = push_weights(model, self.engine, version)
         self.weight_version = version
-        return {"time/sync_s": time.perf_counter() - t0, "weight_version": float(version)}
+        return {**metrics, "weight_version": float(version)}
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy (greedy and avg@k) with the engine's current weights."""
