@@ -2,6 +2,7 @@
 
 posttrain train recipes/quickstart.yaml train.steps=20 rollout.temperature=0.8
 posttrain make-tiny runs/tiny-model
+posttrain rollout-server runs/tiny-model --port 8000   # then rollout.engine=server
 posttrain eval runs/quickstart/checkpoints/final recipes/quickstart.yaml eval.seeds=[0,1,2,3]
 """
 
@@ -42,6 +43,26 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout_server(args: argparse.Namespace) -> int:
+    """Run a vLLM OpenAI-compatible server set up for `rollout.engine: server` (until killed)."""
+    import subprocess
+
+    from posttrain.models import resolve_model_path
+    from posttrain.rollout.vllm_server import server_command
+
+    cmd, env = server_command(
+        resolve_model_path(args.model),
+        port=args.port,
+        host=args.host,
+        max_model_len=args.max_model_len,
+        extra=args.vllm_args,
+    )
+    print(f"[posttrain] rollout server: {' '.join(cmd)}", flush=True)
+    url = f"http://{args.host}:{args.port}"
+    print(f"[posttrain] train with rollout.engine=server rollout.server_url={url}", flush=True)
+    return subprocess.call(cmd, env={**os.environ, **env})
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -68,6 +89,16 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--size", default="tiny", choices=["tiny", "bench"])
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=_make_tiny)
+    r = sub.add_parser(
+        "rollout-server",
+        help="start a vLLM server for rollout.engine=server (weight reload endpoints on)",
+    )
+    r.add_argument("model", help="the model the run starts from (directory or hub name)")
+    r.add_argument("--port", type=int, default=8000)
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens")
+    r.add_argument("vllm_args", nargs=argparse.REMAINDER, help="passed to vLLM's api_server")
+    r.set_defaults(fn=_rollout_server)
     return p
 
 

@@ -23,8 +23,11 @@ from posttrain.errors import ConfigError
 class LoRAConfig:
     """LoRA adapters through peft (`r: 0` = off, full fine-tuning).
 
-    Only the adapter weights train (scale = alpha / r); the rollout engine and checkpoints get
-    merged weights (W + scale * B @ A) under the base model's parameter names.
+    Only the adapter weights train (scale = alpha / r); checkpoints get merged weights
+    (W + scale * B @ A) under the base model's parameter names. `sync` picks what the rollout
+    engine gets after each optimizer step: `merged` (full merged weights, any engine) or
+    `adapter` (only lora_A/lora_B, served by vLLM as a LoRA adapter on the unchanged base model;
+    needs rollout.engine=vllm).
     """
 
     r: int = 0
@@ -39,6 +42,7 @@ class LoRAConfig:
         "up_proj",
         "down_proj",
     )
+    sync: str = "merged"
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,14 @@ class RolloutConfig:
     overlong_penalty: bool = False
     overlong_buffer: int = 4
     history_resampling: bool = False  # SRPO: all-correct prompts leave the pool after each epoch
+    # engine=server: comma-separated vLLM server URLs (`posttrain rollout-server`), the limit of
+    # every HTTP call, and a directory the servers can read ("" = <output_dir>/rollout-weights)
+    server_url: str = ""
+    server_timeout_s: float = 120.0
+    server_weights_dir: str = ""
+    # 0: synchronous. k >= 1: step n+1 is generated while step n trains; rollouts sampled with
+    # weight version v are trained at trainer version <= v + k (docs/launch.md)
+    max_staleness: int = 0
 
 
 @dataclass(frozen=True)
@@ -328,7 +340,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.tiny_size": ("tiny", "bench"),
-    "rollout.engine": ("vllm", "hf"),
+    "rollout.engine": ("vllm", "hf", "server"),
     "advantage.estimator": ("grpo", "dr_grpo", "batch_std", "rloo", "reinforce_pp", "opo", "gae"),
     "loss.ratio_level": ("token", "sequence"),
     "loss.aggregation": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
@@ -516,6 +528,13 @@ def validate(cfg: Config) -> None:
         )
         _check(len(cfg.rewards) >= 1, "rewards: GRPO needs at least one reward")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    _check(
+        r.engine != "server" or bool(r.server_url.strip()),
+        "rollout.engine=server needs rollout.server_url (e.g. http://127.0.0.1:8000; start one "
+        "with `posttrain rollout-server MODEL`)",
+    )
+    _check(r.server_timeout_s > 0, "rollout.server_timeout_s must be > 0")
+    _check(r.max_staleness >= 0, "rollout.max_staleness must be >= 0 (0 = synchronous)")
     _check(r.temperature > 0, "rollout.temperature must be > 0 (use eval for greedy decoding)")
     _check(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
     _check(t.steps >= 0, "train.steps must be >= 0")
@@ -717,7 +736,44 @@ def _validate_lora_deepspeed(cfg: Config) -> None:
         _check(lora.alpha > 0, "model.lora.alpha must be > 0")
         _check(0 <= lora.dropout < 1, "model.lora.dropout must be in [0, 1)")
         _check(len(lora.target_modules) >= 1, "model.lora.target_modules must name a module")
+    _check(
+        lora.sync in ("merged", "adapter"),
+        f"model.lora.sync={lora.sync!r}: must be one of ('merged', 'adapter')",
+    )
+    if lora.sync == "adapter":
+        _validate_lora_adapter_sync(cfg)
     if cfg.train.deepspeed_config is not None:
         from posttrain.dsconfig import check_user_config
 
         check_user_config(cfg)
+
+
+# vLLM serves LoRA on linear layers only (no LoRA embeddings / LM head for decoder LMs).
+VLLM_LORA_UNSUPPORTED = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out")
+VLLM_MAX_LORA_RANK = 512
+
+
+def _validate_lora_adapter_sync(cfg: Config) -> None:
+    """`model.lora.sync=adapter`: LoRA on, a vLLM rollout engine, targets vLLM can serve."""
+    lora = cfg.model.lora
+    _check(
+        lora.r > 0,
+        f"model.lora.sync=adapter needs LoRA: model.lora.r must be > 0 (got {lora.r}); "
+        "use model.lora.sync=merged for full fine-tuning",
+    )
+    _check(
+        lora.r <= VLLM_MAX_LORA_RANK,
+        f"model.lora.sync=adapter: vLLM serves LoRA ranks up to {VLLM_MAX_LORA_RANK}, "
+        f"model.lora.r={lora.r}",
+    )
+    _check(
+        cfg.rollout.engine == "vllm",
+        f"model.lora.sync=adapter needs rollout.engine=vllm (got {cfg.rollout.engine!r}); "
+        "the hf engine takes merged weights: use model.lora.sync=merged",
+    )
+    bad = [m for m in lora.target_modules if m in VLLM_LORA_UNSUPPORTED]
+    _check(
+        not bad,
+        f"model.lora.sync=adapter: vLLM cannot serve LoRA on {bad} (embeddings / LM head); "
+        "target only linear layers in model.lora.target_modules, or use model.lora.sync=merged",
+    )

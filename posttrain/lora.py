@@ -9,7 +9,9 @@ state dict of the peft model into the plain model's state dict,
 
 under the base model's parameter names (no `base_model.model.` prefix, no `.base_layer`, no LoRA
 tensors), computed out of place: the training model is never modified. vLLM's `reload_weights`
-and `save_pretrained` therefore see an ordinary checkpoint.
+and `save_pretrained` therefore see an ordinary checkpoint. Adapter-only sync
+(`model.lora.sync: adapter`) instead sends `adapter_tensors` + `adapter_config` (the content of
+peft's `adapter_model.safetensors` / `adapter_config.json`), which vLLM serves as a LoRA.
 """
 
 from __future__ import annotations
@@ -163,6 +165,42 @@ def save_adapter(module: Any, out_dir: Path, state: dict[str, torch.Tensor]) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     return out_dir
+
+
+def is_adapter_key(name: str) -> bool:
+    """True for a LoRA adapter matrix (`...lora_A.<adapter>.weight` / `...lora_B...`)."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def adapter_tensors(
+    state: dict[str, torch.Tensor], adapter: str = "default"
+) -> dict[str, torch.Tensor]:
+    """The adapter matrices of a peft state dict under peft's saved names (pure).
+
+    Args:
+        state: peft model (state-dict) tensors; only `...lora_A.<adapter>.weight` [r, in] and
+            `...lora_B.<adapter>.weight` [out, r] are kept.
+        adapter: the adapter name (dropped from the keys, as `save_pretrained` does).
+
+    Returns:
+        `{base_model.model.<module>.lora_A.weight: [r, in], ....lora_B.weight: [out, r]}`, the
+        keys of `adapter_model.safetensors` that vLLM and peft load.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if not is_adapter_key(key):
+            continue
+        for ab in ("lora_A", "lora_B"):
+            key = key.replace(f".{ab}.{adapter}.", f".{ab}.")
+        out[key] = tensor
+    return out
+
+
+def adapter_config(module: Any) -> dict[str, Any]:
+    """The active adapter's `adapter_config.json` content (JSON-ready, as peft writes it)."""
+    config = module.peft_config[module.active_adapter].to_dict()
+    config["inference_mode"] = True  # as `save_pretrained` writes it
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
 def base_model(module: Any) -> Any:

@@ -20,6 +20,10 @@ names, e.g. `lm_head.weight` and `model.embed_tokens.weight`), without building 
 
 `push_weights(engine, rollout, version)` feeds the stream to `rollout.load_weights` and reports
 `time/sync_s` (whole sync) and `time/sync_gather_s` (gather + merge inside the stream).
+
+`push_adapter(engine, rollout, version)` (`model.lora.sync: adapter`) gathers only the LoRA
+matrices (one ZeRO-3 `GatheredParameters` over the lora_A/lora_B parameters) and hands them to
+`rollout.load_adapter` with the adapter config; the base weights are never gathered or sent.
 """
 
 from __future__ import annotations
@@ -174,4 +178,37 @@ def push_weights(engine: Any, rollout: Any, version: int) -> dict[str, float]:
     return {
         "time/sync_s": time.perf_counter() - start,
         "time/sync_gather_s": stats.get("gather_s", 0.0),
+    }
+
+
+def gather_adapter(engine: Any) -> dict[str, torch.Tensor]:
+    """The trainer's LoRA matrices, full (ZeRO-3: gathered and cloned), under peft's saved names.
+
+    Every rank must call this (ZeRO-3 gathers collectively).
+
+    Returns:
+        `lora.adapter_tensors` of the peft model: `...lora_A.weight` [r, in] and
+        `...lora_B.weight` [out, r] per adapted module.
+    """
+    module = engine.module if hasattr(engine, "module") else engine
+    params = [(n, p) for n, p in module.named_parameters() if lora.is_adapter_key(n)]
+    if not params:
+        raise ValueError("model.lora.sync=adapter: the trained model has no LoRA parameters")
+    return lora.adapter_tensors(_gather(params, _is_zero3(engine)), module.active_adapter)
+
+
+def push_adapter(engine: Any, rollout: Any, version: int) -> dict[str, float]:
+    """Hand only the LoRA adapter to `rollout.load_adapter` (every rank calls this).
+
+    Returns:
+        `time/sync_s` (the whole sync), `time/sync_gather_s` (gathering the adapter).
+    """
+    start = time.perf_counter()
+    tensors = gather_adapter(engine)
+    gathered = time.perf_counter()
+    module = engine.module if hasattr(engine, "module") else engine
+    rollout.load_adapter(tensors, lora.adapter_config(module), version)
+    return {
+        "time/sync_s": time.perf_counter() - start,
+        "time/sync_gather_s": gathered - start,
     }

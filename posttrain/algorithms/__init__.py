@@ -66,6 +66,9 @@ def make_rollout_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
             "kv_cache_gib": r.kv_cache_gib,
             "gpu_memory_utilization": r.gpu_memory_utilization,
         }
+        if cfg.model.lora.sync == "adapter":  # serve the trained LoRA adapter, not merged weights
+            kw["lora_rank"] = cfg.model.lora.r
+            kw["lora_targets"] = cfg.model.lora.target_modules
         if dist.world_size() == 1:
             return make_engine("vllm", model_path, **kw)
         # One colocated vLLM replica per rank; each samples a block of the step's prompts with
@@ -76,10 +79,42 @@ def make_rollout_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
         kw["seed"] = cfg.train.seed + dist.rank()
         replica = make_vllm_replica(model_path, **kw)
         return ShardedEngine(replica, dist.rank(), dist.world_size(), dist.all_gather_object)
+    if r.engine == "server":
+        return _make_server_engine(cfg, model_path, tokenizer)
     from posttrain.models import load_policy
 
     model = load_policy(model_path, dtype=cfg.model.dtype).to(dist.device())
     return make_engine("hf", model_path, model=model, tokenizer=tokenizer)
+
+
+def _make_server_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
+    """`rollout.engine=server`: vLLM server process(es) at `rollout.server_url` (one rank).
+
+    The servers are reloaded from `model_path` (a local directory they can read) so that
+    version 0 is the run's starting point, whatever an earlier run left in them.
+    """
+    from pathlib import Path
+
+    from posttrain.rollout import make_engine
+
+    r = cfg.rollout
+    if dist.world_size() > 1:
+        raise ConfigError(
+            "rollout.engine=server runs with one training rank for now (every rank would push "
+            f"the weights and sample the whole batch); got {dist.world_size()} ranks"
+        )
+    weights_dir = r.server_weights_dir or str(Path(cfg.train.output_dir) / "rollout-weights")
+    engine = make_engine(
+        "server",
+        model_path,
+        urls=r.server_url,
+        weights_dir=weights_dir,
+        timeout_s=r.server_timeout_s,
+        tokenizer=tokenizer,
+    )
+    if Path(model_path).is_dir():
+        engine.load_from_path(model_path, 0)
+    return engine
 
 
 def make_rollout_source(cfg: Config, model_path: str, tokenizer: Any) -> Any:
@@ -92,7 +127,12 @@ def make_rollout_source(cfg: Config, model_path: str, tokenizer: Any) -> Any:
     for rows in stages or [train]:
         check_rewards(cfg, rows)
     rollout = make_rollout_engine(cfg, model_path, tokenizer)
-    return RolloutSource(cfg, tokenizer, rollout, train, held, stages)
+    source = RolloutSource(cfg, tokenizer, rollout, train, held, stages)
+    if cfg.rollout.max_staleness > 0:  # generate step n+1 while step n trains
+        from posttrain.algorithms.async_rollout import AsyncRolloutSource
+
+        return AsyncRolloutSource(source, cfg.rollout.max_staleness, cfg.train.steps)
+    return source
 
 
 def _build_grpo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Any:

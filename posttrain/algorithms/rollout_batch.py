@@ -24,7 +24,7 @@ from posttrain.data.curriculum import PromptSchedule, load_stage_rows
 from posttrain.errors import ConfigError
 from posttrain.eval import evaluate
 from posttrain.rollout.engine import Rollout, SamplingConfig
-from posttrain.weight_sync import push_weights
+from posttrain.weight_sync import push_adapter, push_weights
 from rewards import RewardSpec, score
 from rewards.boundary import reward_metrics
 from rewards.registry import TOKEN_ENTROPY, required_columns
@@ -328,9 +328,13 @@ class RolloutSource:
     def sync_weights(self, model: Any, version: int) -> dict[str, float]:
         """Stream the trainer's current weights into the rollout engine (every rank calls this).
 
-        ZeRO-3 parameters are gathered a bounded bucket at a time (`posttrain.weight_sync`).
+        ZeRO-3 parameters are gathered a bounded bucket at a time (`posttrain.weight_sync`);
+        with `model.lora.sync: adapter` only the LoRA matrices are gathered and sent.
         """
-        metrics = push_weights(model, self.engine, version)
+        if self.cfg.model.lora.sync == "adapter":
+            metrics = push_adapter(model, self.engine, version)
+        else:
+            metrics = push_weights(model, self.engine, version)
         self.weight_version = version
         return {**metrics, "weight_version": float(version)}
 

@@ -1,4 +1,4 @@
-"""Rollout engines: vLLM in-process (`vllm`) or transformers generate (`hf`).
+"""Rollout engines: in-process vLLM (`vllm`), vLLM servers (`server`), transformers (`hf`).
 
 vllm is imported lazily (only when a `vllm` engine is made): the rest of posttrain runs
 without it.
@@ -13,7 +13,7 @@ from posttrain.rollout.engine import Rollout, RolloutEngine, SamplingConfig
 
 __all__ = ["Rollout", "RolloutEngine", "SamplingConfig", "make_engine"]
 
-ENGINE_KINDS = ("vllm", "hf")
+ENGINE_KINDS = ("vllm", "hf", "server")
 
 
 def make_engine(kind: str, model_path: str, **kw: Any) -> RolloutEngine:
@@ -23,7 +23,9 @@ def make_engine(kind: str, model_path: str, **kw: Any) -> RolloutEngine:
         kind: "vllm" -> `VLLMEngine(model_path, **kw)` (kw: max_model_len (required), seed,
             kv_cache_gib, gpu_memory_utilization, dtype, ...); "hf" -> `HFEngine` over
             `kw["model"]` if given (e.g. the policy itself) else a model loaded from model_path
-            (kw: model, tokenizer, dtype, batch_size).
+            (kw: model, tokenizer, dtype, batch_size); "server" -> `ServerEngine` over the
+            vLLM servers at `kw["urls"]` (kw: urls, weights_dir, timeout_s, tokenizer, ...;
+            model_path is unused: the servers were started on it).
         model_path: local model directory (config.json + tokenizer) or hub name.
 
     Returns:
@@ -33,6 +35,10 @@ def make_engine(kind: str, model_path: str, **kw: Any) -> RolloutEngine:
         from posttrain.rollout.vllm_local import VLLMEngine
 
         return VLLMEngine(model_path, **kw)
+    if kind == "server":
+        from posttrain.rollout.vllm_server import ServerEngine
+
+        return ServerEngine(kw.pop("urls"), **kw)
     if kind == "hf":
         from posttrain.models import load_reference, load_tokenizer
         from posttrain.rollout.hf import HFEngine

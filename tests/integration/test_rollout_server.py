@@ -1,0 +1,233 @@
+"""`rollout.engine: server` against one real vLLM OpenAI server process (tiny model, CPU).
+
+One module-scoped server (about 30 s to start), launched with `server_command` (what
+`posttrain rollout-server` runs). The last test kills it, so it must stay last in the file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from posttrain import losses
+from posttrain.config import load_config
+from posttrain.models import load_policy, load_tokenizer
+from posttrain.rollout.engine import Rollout, SamplingConfig
+from posttrain.rollout.vllm_server import RolloutServerError, ServerEngine, server_command
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
+]
+
+STARTUP_S = 300
+TIMEOUT_S = 30.0
+TEMPERATURE = 0.8
+SAMPLING = SamplingConfig(n=3, temperature=TEMPERATURE, max_new_tokens=8, seed=11)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, then SIGKILL."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    """(url, process) of a rollout server on the tiny model; always stopped afterwards."""
+    root = tmp_path_factory.mktemp("rollout-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd, env = server_command(str(tiny_model_dir), port=port, max_model_len=256)
+    log = root / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["nice", "-n", "19", *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            if proc.poll() is not None:
+                pytest.fail(f"rollout server exited with {proc.returncode}:\n{tail}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"rollout server not healthy after {STARTUP_S}s:\n{tail}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield url, proc
+    finally:
+        _stop(proc)
+
+
+def _prompts(model_dir: Path) -> list[list[int]]:
+    tok = load_tokenizer(str(model_dir))
+    return [tok(t)["input_ids"] for t in ("What is 2 + 3?", "hello", "Count: 1 2 3")]
+
+
+@torch.no_grad()
+def _max_logprob_error(model: torch.nn.Module, rollouts: list[Rollout]) -> float:
+    """max |trainer logprob - server logprob| over every sampled token (float32, temperature)."""
+    worst = 0.0
+    for r in rollouts:
+        ids = torch.tensor([r.prompt_ids + r.completion_ids])
+        logits = model(input_ids=ids).logits[:, :-1]
+        logp = losses.token_logprobs(logits, ids[:, 1:], TEMPERATURE)[0, len(r.prompt_ids) - 1 :]
+        worst = max(worst, float((logp - torch.tensor(r.logprobs)).abs().max()))
+    return worst
+
+
+def _engine(url: str, model_dir: Path, weights_dir: Path) -> ServerEngine:
+    engine = ServerEngine(
+        url,
+        weights_dir=weights_dir,
+        timeout_s=TIMEOUT_S,
+        tokenizer=load_tokenizer(str(model_dir)),
+    )
+    engine.load_from_path(model_dir, 0)  # earlier tests may have pushed other weights
+    return engine
+
+
+def test_generate_then_sync_matches_trainer_logprobs(server, tiny_model_dir, tmp_path):
+    url, _ = server
+    engine = _engine(url, tiny_model_dir, tmp_path / "weights")
+    prompts = _prompts(tiny_model_dir)
+    model = load_policy(str(tiny_model_dir), dtype="float32").eval()
+
+    rollouts = engine.generate(prompts, SAMPLING)
+    assert len(rollouts) == len(prompts) * SAMPLING.n
+    assert [r.prompt_index for r in rollouts] == [i for i in range(3) for _ in range(3)]
+    for r in rollouts:
+        assert r.weight_version == 0 and r.finish_reason in ("stop", "length")
+        assert len(r.completion_ids) == len(r.logprobs) >= 1
+    assert _max_logprob_error(model, rollouts) < 1e-4
+    # The same seed gives the same samples.
+    again = engine.generate(prompts, SAMPLING)
+    assert [r.completion_ids for r in again] == [r.completion_ids for r in rollouts]
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    assert _max_logprob_error(model, rollouts) > 1e-2  # the server still has the old weights
+    seconds = engine.load_weights(model.state_dict().items(), 1)
+    assert seconds > 0 and engine.weight_version == 1
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["v1"]
+    synced = engine.generate(prompts, SAMPLING)
+    assert all(r.weight_version == 1 for r in synced)
+    assert _max_logprob_error(model, synced) < 1e-4
+
+    # A server whose weights changed behind the engine's back (what a restart looks like: it
+    # holds its start-up weights) is detected before generating and re-pushed.
+    httpx.post(
+        f"{url}/collective_rpc",
+        json={"method": "reload_weights", "kwargs": {"weights_path": str(tiny_model_dir)}},
+        timeout=TIMEOUT_S,
+    ).raise_for_status()
+    repushed = engine.generate(prompts, SAMPLING)
+    assert engine.repushes == 1
+    assert _max_logprob_error(model, repushed) < 1e-4
+    engine.close()
+
+
+def test_grpo_trains_through_the_server(server, tiny_model_dir, tmp_path):
+    """The trainer with rollout.engine=server: synced weights (no mismatch), then async k=1."""
+    from posttrain.trainer import Trainer
+
+    url, _ = server
+
+    def cfg(name: str, *extra: str):
+        return load_config(
+            None,
+            [
+                f"model.path={tiny_model_dir}",
+                f"train.output_dir={tmp_path / name}",
+                "train.steps=3",
+                "train.micro_batch_size_per_device=8",
+                "rollout.engine=server",
+                f"rollout.server_url={url}",
+                f"rollout.server_timeout_s={TIMEOUT_S}",
+                "rollout.prompts_per_step=2",
+                "rollout.samples_per_prompt=4",
+                "rollout.max_new_tokens=6",
+                "data.train_size=32",
+                "data.max_prompt_tokens=32",
+                "eval.num_problems=0",
+                "optim.lr=1e-3",
+                "log.wandb=disabled",
+                "log.progress=false",
+                "rewards=[{name: length_in_range, kwargs: {max_chars: 5}}]",
+                *extra,
+            ],
+        )
+
+    history = Trainer(cfg("sync")).train()
+    assert [m["weight_version"] for m in history] == [1.0, 2.0, 3.0]
+    for m in history:  # sampled with exactly the trainer's weights
+        assert m["tis/mismatch_abs_mean"] < 1e-4
+
+    history = Trainer(cfg("async", "rollout.max_staleness=1")).train()
+    assert [m["rollout/staleness/max"] for m in history] == [0.0, 1.0, 1.0]
+    assert history[0]["tis/mismatch_abs_mean"] < 1e-4
+    assert history[1]["tis/mismatch_abs_mean"] > 1e-4  # stale samples: TIS sees the gap
+
+
+def test_stuck_server_times_out_with_a_clear_error():
+    """A server that accepts connections but never answers: an error after the timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(RolloutServerError, match=r"within rollout\.server_timeout_s=1s") as err:
+            ServerEngine(url, weights_dir="/nonexistent", timeout_s=1.0)
+        assert time.monotonic() - start < 10
+        assert url in str(err.value)
+
+
+def test_killed_server_raises_clear_error(server, tiny_model_dir, tmp_path):
+    """Must stay last: it kills the module's server."""
+    url, proc = server
+    engine = _engine(url, tiny_model_dir, tmp_path / "weights")
+    engine.generate(_prompts(tiny_model_dir), SAMPLING)
+    _stop(proc)
+    start = time.monotonic()
+    with pytest.raises(RolloutServerError, match="server down or restarting") as err:
+        engine.generate(_prompts(tiny_model_dir), SAMPLING)
+    assert url in str(err.value)
+    model = load_policy(str(tiny_model_dir), dtype="float32")
+    with pytest.raises(RolloutServerError, match=re.escape(url)):
+        engine.load_weights(model.state_dict().items(), 1)
+    assert time.monotonic() - start < TIMEOUT_S
