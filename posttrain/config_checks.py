@@ -1,0 +1,287 @@
+"""Semantic config checks a type system cannot express (`validate`), kept apart from the types.
+
+Each check raises `ConfigError` naming the field (and, for a bad combination, both fields) and what
+would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from posttrain.config import CHOICES, Config, _closest
+from posttrain.errors import ConfigError
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks a type system cannot express; raises ConfigError naming the field."""
+    for dotted, options in CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value in options, f"{dotted}: {value!r} is not one of {', '.join(options)}")
+    r, t = cfg.rollout, cfg.train
+    _check(r.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
+    if t.algorithm == "grpo":
+        _check(r.samples_per_prompt >= 2, "rollout.samples_per_prompt must be >= 2 for GRPO")
+        n = r.prompts_per_step * r.samples_per_prompt
+        _check(
+            n % t.micro_batch_size_per_device == 0,
+            f"train.micro_batch_size_per_device={t.micro_batch_size_per_device} must divide "
+            f"prompts_per_step * samples_per_prompt = {n}",
+        )
+        _check(len(cfg.rewards) >= 1, "rewards: GRPO needs at least one reward")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    _check(
+        r.engine != "server" or bool(r.server_url.strip()),
+        "rollout.engine=server needs rollout.server_url (e.g. http://127.0.0.1:8000; start one "
+        "with `posttrain rollout-server MODEL`)",
+    )
+    _check(r.server_timeout_s > 0, "rollout.server_timeout_s must be > 0")
+    _check(r.max_staleness >= 0, "rollout.max_staleness must be >= 0 (0 = synchronous)")
+    _check(r.temperature > 0, "rollout.temperature must be > 0 (use eval for greedy decoding)")
+    _check(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
+    _check(t.steps >= 0, "train.steps must be >= 0")
+    _check(t.micro_batch_size_per_device >= 1, "train.micro_batch_size_per_device must be >= 1")
+    _check(t.updates_per_batch >= 1, "train.updates_per_batch must be >= 1")
+    _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
+    _check(
+        not t.offload_optimizer or t.zero_stage >= 1,
+        f"train.offload_optimizer needs train.zero_stage 1, 2 or 3 (got {t.zero_stage})",
+    )
+    _check(
+        not t.offload_params or t.zero_stage == 3,
+        f"train.offload_params needs train.zero_stage=3 (got {t.zero_stage})",
+    )
+    _check(cfg.loss.clip_low >= 0 and cfg.loss.clip_high >= 0, "loss.clip_low/clip_high >= 0")
+    _check(cfg.loss.clip_low < 1, "loss.clip_low must be < 1")
+    if cfg.loss.dual_clip_c is not None:
+        _check(cfg.loss.dual_clip_c > 1, "loss.dual_clip_c must be > 1 (e.g. 3) or null")
+    if cfg.loss.tis_cap is not None:
+        _check(cfg.loss.tis_cap >= 1, "loss.tis_cap must be >= 1 or null (off)")
+    _check(cfg.kl.coef >= 0, "kl.coef must be >= 0")
+    _check(cfg.optim.lr > 0, "optim.lr must be > 0")
+    if r.overlong_penalty:
+        _check(
+            0 < r.overlong_buffer < r.max_new_tokens,
+            "rollout.overlong_buffer must be in (0, max_new_tokens) when overlong_penalty is on",
+        )
+    for i, rw in enumerate(cfg.rewards):
+        _check(rw.weight == rw.weight, f"rewards[{i}].weight must be a number")
+    _check(cfg.eval.k >= 1, "eval.k must be >= 1")
+    _check(0 < cfg.eval.top_p <= 1, "eval.top_p must be in (0, 1]")
+    _validate_stages_resampling(cfg)
+    _validate_sft_dpo_rm(cfg)
+    _validate_ppo(cfg)
+    _validate_research_methods(cfg)
+    _validate_lora_deepspeed(cfg)
+    if cfg.model.path != "tiny" and Path(cfg.model.path).anchor == "/":
+        _check(
+            Path(cfg.model.path).is_dir(),
+            f"model.path: directory {cfg.model.path} does not exist (use 'tiny' for the "
+            "built-in model, a local directory or a hub name)",
+        )
+
+
+def _check_task_keys(task: dict, where: str) -> None:
+    """Every key of an arithmetic `task` mapping is an option of `arithmetic.make_split`."""
+    import inspect
+
+    from posttrain.data.arithmetic import make_split
+
+    params = inspect.signature(make_split).parameters
+    names = [p for p in params if p not in ("split", "n", "seed")]
+    for key in task:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{where}.{key}'{_closest(str(key), names)}")
+
+
+def _validate_stages_resampling(cfg: Config) -> None:
+    """Checks of `data.stages` and `rollout.history_resampling`."""
+    if cfg.data.task and cfg.data.source == "arithmetic":
+        _check_task_keys(cfg.data.task, "data.task")
+    stages = cfg.data.stages
+    for i, st in enumerate(stages):
+        _check(st.steps >= 1, f"data.stages[{i}].steps must be >= 1, got {st.steps}")
+        if st.train_size is not None:
+            _check(st.train_size >= 1, f"data.stages[{i}].train_size must be >= 1 or null")
+        if st.task:
+            _check(
+                st.source == "arithmetic",
+                f"data.stages[{i}].task is only valid for source 'arithmetic', not {st.source!r}",
+            )
+            _check_task_keys(st.task, f"data.stages[{i}].task")
+    total = sum(st.steps for st in stages)
+    _check(
+        total <= cfg.train.steps,
+        f"data.stages: the stage steps sum to {total}, more than train.steps="
+        f"{cfg.train.steps}; lower them or raise train.steps (the last stage runs to the end)",
+    )
+    if cfg.rollout.history_resampling:
+        names = [r.name for r in cfg.rewards]
+        _check(
+            cfg.eval.reward in names,
+            f"rollout.history_resampling judges correctness with eval.reward="
+            f"{cfg.eval.reward!r}, which is not one of the rewards ({', '.join(names)})",
+        )
+
+
+def _validate_ppo(cfg: Config) -> None:
+    """Checks of the `ppo` section, `advantage.estimator: gae` and the PPO-only `kl.*` keys."""
+    algo, est, p, kl, r = cfg.train.algorithm, cfg.advantage.estimator, cfg.ppo, cfg.kl, cfg.rollout
+    if algo != "ppo":
+        _check(est != "gae", f"advantage.estimator=gae needs train.algorithm=ppo (got {algo!r})")
+        changed = [f.name for f in dataclasses.fields(p) if getattr(p, f.name) != f.default]
+        _check(
+            not changed,
+            f"ppo.{', ppo.'.join(changed)} set, but train.algorithm={algo!r}; the ppo section "
+            "applies only to train.algorithm=ppo",
+        )
+        for key in ("in_reward", "target"):
+            _check(
+                getattr(kl, key) in (False, None),
+                f"kl.{key} is PPO-only; it needs train.algorithm=ppo (got {algo!r})",
+            )
+        return
+    _check(est == "gae", f"train.algorithm=ppo needs advantage.estimator=gae (got {est!r})")
+    _check(r.samples_per_prompt >= 1, "rollout.samples_per_prompt must be >= 1 for PPO")
+    n = r.prompts_per_step * r.samples_per_prompt
+    mb = cfg.train.micro_batch_size_per_device
+    _check(n % mb == 0, f"train.micro_batch_size_per_device={mb} must divide {n} samples/step")
+    _check(len(cfg.rewards) >= 1, "rewards: PPO needs at least one reward")
+    _check(
+        not r.filter_zero_variance_groups,
+        "rollout.filter_zero_variance_groups is for group baselines; not with train.algorithm=ppo",
+    )
+    _check(cfg.model.lora.r == 0, "model.lora.r must be 0 with train.algorithm=ppo (full tuning)")
+    _check(p.vf_coef > 0, "ppo.vf_coef must be > 0")
+    _check(p.value_clip is None or p.value_clip > 0, "ppo.value_clip must be > 0 or null (off)")
+    _check(0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
+    _check(p.critic_warmup_steps >= 0, "ppo.critic_warmup_steps must be >= 0")
+    _check(p.critic_lr_multiplier > 0, "ppo.critic_lr_multiplier must be > 0")
+    _check(
+        p.critic_path is None or p.value_head == "separate",
+        "ppo.critic_path needs ppo.value_head=separate (a shared head has no own weights)",
+    )
+    if kl.target is not None:
+        _check(kl.in_reward, "kl.target (adaptive KL controller) needs kl.in_reward=true")
+        _check(kl.target > 0 and kl.coef > 0, "kl.target and kl.coef must be > 0 (adaptive KL)")
+    _check(kl.horizon >= 1, "kl.horizon must be >= 1")
+
+
+def _validate_sft_dpo_rm(cfg: Config) -> None:
+    """Checks of the `sft`, `dpo` and `reward_model` sections."""
+    s, d, rm = cfg.sft, cfg.dpo, cfg.reward_model
+    _check(s.max_length >= 2, "sft.max_length must be >= 2 tokens")
+    _check(
+        1 <= cfg.data.preference_negatives <= 6,
+        "data.preference_negatives (wrong answers per arithmetic prompt) must be in 1..6",
+    )
+    _check(d.beta > 0, "dpo.beta must be > 0 (e.g. 0.1)")
+    _check(0 <= d.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)")
+    if d.label_smoothing:
+        _check(
+            d.loss not in ("ipo", "hinge"),
+            f"dpo.label_smoothing is not used by dpo.loss={d.loss}; set it to 0",
+        )
+    _check(d.nll_coef >= 0, "dpo.nll_coef must be >= 0 (RPO weight; 0 = off)")
+    for name, sec in (("dpo", d), ("reward_model", rm)):
+        _check(sec.pairs_per_step >= 1, f"{name}.pairs_per_step must be >= 1")
+        _check(sec.max_length >= 2, f"{name}.max_length must be >= 2 tokens")
+
+
+def _validate_research_methods(cfg: Config) -> None:
+    """REBEL, OPO and RENT combined with options they cannot use: errors naming both."""
+    r, t = cfg.rollout, cfg.train
+    if t.algorithm == "rebel":
+        _check(cfg.rebel.eta > 0, f"rebel.eta must be > 0 (e.g. 1.0), got {cfg.rebel.eta}")
+        _check(r.samples_per_prompt >= 2, "rollout.samples_per_prompt must be >= 2 for REBEL")
+        _check(
+            t.micro_batch_size_per_device % r.samples_per_prompt == 0,
+            f"train.algorithm=rebel regresses pairs of a group inside one micro-batch: "
+            f"train.micro_batch_size_per_device={t.micro_batch_size_per_device} must be a "
+            f"multiple of rollout.samples_per_prompt={r.samples_per_prompt}",
+        )
+        _check(len(cfg.rewards) >= 1, "rewards: REBEL needs at least one reward")
+        unused = {
+            "loss.ratio_level=sequence": cfg.loss.ratio_level == "sequence",
+            f"loss.dual_clip_c={cfg.loss.dual_clip_c}": cfg.loss.dual_clip_c is not None,
+            f"loss.aggregation={cfg.loss.aggregation}": cfg.loss.aggregation != "token_mean",
+            f"loss.entropy_coef={cfg.loss.entropy_coef}": cfg.loss.entropy_coef != 0,
+            f"kl.coef={cfg.kl.coef}": cfg.kl.coef != 0,
+            f"advantage.estimator={cfg.advantage.estimator}": cfg.advantage.estimator != "grpo",
+            "advantage.entropy_modulation": cfg.advantage.entropy_modulation is not None,
+        }
+        for option, is_set in unused.items():
+            _check(
+                not is_set,
+                f"train.algorithm=rebel cannot use {option}: REBEL regresses sequence "
+                "log-ratio differences onto reward differences (no advantages, clipping, KL or "
+                "entropy terms); remove the option or use train.algorithm=grpo",
+            )
+    if cfg.advantage.estimator == "opo":
+        _check(
+            t.updates_per_batch == 1,
+            f"advantage.estimator=opo trains exactly on-policy (one optimizer step per rollout "
+            f"batch): train.updates_per_batch must be 1, got {t.updates_per_batch}",
+        )
+    _check(
+        cfg.eval.reward != "neg_entropy",
+        "eval.reward=neg_entropy: evaluation cannot supply the policy's token entropy that "
+        "neg_entropy needs (and it judges no answer); use an answer reward such as exact_answer",
+    )
+
+
+def _validate_lora_deepspeed(cfg: Config) -> None:
+    """Checks of `model.lora` and of the `train.deepspeed_config` file (if any)."""
+    lora = cfg.model.lora
+    _check(lora.r >= 0, "model.lora.r must be >= 0 (0 = LoRA off)")
+    if lora.r > 0:
+        _check(lora.alpha > 0, "model.lora.alpha must be > 0")
+        _check(0 <= lora.dropout < 1, "model.lora.dropout must be in [0, 1)")
+        _check(len(lora.target_modules) >= 1, "model.lora.target_modules must name a module")
+    _check(
+        lora.sync in ("merged", "adapter"),
+        f"model.lora.sync={lora.sync!r}: must be one of ('merged', 'adapter')",
+    )
+    if lora.sync == "adapter":
+        _validate_lora_adapter_sync(cfg)
+    if cfg.train.deepspeed_config is not None:
+        from posttrain.dsconfig import check_user_config
+
+        check_user_config(cfg)
+
+
+# vLLM serves LoRA on linear layers only (no LoRA embeddings / LM head for decoder LMs).
+VLLM_LORA_UNSUPPORTED = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out")
+VLLM_MAX_LORA_RANK = 512
+
+
+def _validate_lora_adapter_sync(cfg: Config) -> None:
+    """`model.lora.sync=adapter`: LoRA on, a vLLM rollout engine, targets vLLM can serve."""
+    lora = cfg.model.lora
+    _check(
+        lora.r > 0,
+        f"model.lora.sync=adapter needs LoRA: model.lora.r must be > 0 (got {lora.r}); "
+        "use model.lora.sync=merged for full fine-tuning",
+    )
+    _check(
+        lora.r <= VLLM_MAX_LORA_RANK,
+        f"model.lora.sync=adapter: vLLM serves LoRA ranks up to {VLLM_MAX_LORA_RANK}, "
+        f"model.lora.r={lora.r}",
+    )
+    _check(
+        cfg.rollout.engine == "vllm",
+        f"model.lora.sync=adapter needs rollout.engine=vllm (got {cfg.rollout.engine!r}); "
+        "the hf engine takes merged weights: use model.lora.sync=merged",
+    )
+    bad = [m for m in lora.target_modules if m in VLLM_LORA_UNSUPPORTED]
+    _check(
+        not bad,
+        f"model.lora.sync=adapter: vLLM cannot serve LoRA on {bad} (embeddings / LM head); "
+        "target only linear layers in model.lora.target_modules, or use model.lora.sync=merged",
+    )
