@@ -19,6 +19,7 @@ from posttrain import losses
 from posttrain.algorithms.base import StepBatch, chunk_indices, pad_right, shard_for_rank
 from posttrain.algorithms.base import trim_micro_batch as _trim
 from posttrain.algorithms.rollout_batch import (
+    OnlineAlgorithm,
     RolloutSource,
     check_on_policy,
     policy_token_stats,
@@ -27,7 +28,7 @@ from posttrain.algorithms.rollout_batch import (
 from posttrain.config import Config
 
 
-class GRPO:
+class GRPO(OnlineAlgorithm):
     """The GRPO-family algorithm object the trainer drives.
 
     Args:
@@ -37,9 +38,7 @@ class GRPO:
     """
 
     def __init__(self, cfg: Config, source: RolloutSource, ref_model: Any | None) -> None:
-        self.cfg = cfg
-        self.source = source
-        self.ref_model = ref_model
+        super().__init__(cfg, source, ref_model)
         self.denominator = 1.0
         self.token_total = 1.0
         self.recompute_old = cfg.train.updates_per_batch > 1
@@ -99,23 +98,6 @@ class GRPO:
         return clipped_policy_loss(
             self.cfg, outputs.logits, mb, self.denominator, self.token_total, self.cfg.kl.coef
         )
-
-    # ---------------------------------------------------------- lifecycle
-    def after_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        """Push the new weights into the rollout engine (version = optimizer steps so far)."""
-        return self.source.sync_weights(model, step)
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Held-out accuracy with the current rollout weights."""
-        return self.source.evaluate()
-
-    def state_dict(self) -> dict[str, Any]:
-        """Data position and weight version."""
-        return self.source.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()`."""
-        self.source.load_state_dict(state)
 
 
 def clipped_policy_loss(

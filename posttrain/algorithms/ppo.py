@@ -24,7 +24,11 @@ from posttrain import losses
 from posttrain.algorithms.actor_critic import ActorCritic
 from posttrain.algorithms.base import StepBatch, chunk_indices, shard_for_rank, trim_micro_batch
 from posttrain.algorithms.grpo import clipped_policy_loss
-from posttrain.algorithms.rollout_batch import RolloutSource, sequences_to_tensors
+from posttrain.algorithms.rollout_batch import (
+    OnlineAlgorithm,
+    RolloutSource,
+    sequences_to_tensors,
+)
 from posttrain.config import Config
 from posttrain.errors import ConfigError
 
@@ -101,7 +105,7 @@ def actor_critic_token_stats(
     return {k: torch.cat(v) for k, v in cols.items()}
 
 
-class PPO:
+class PPO(OnlineAlgorithm):
     """PPO with GAE and a critic, driven by the one trainer.
 
     Args:
@@ -111,9 +115,7 @@ class PPO:
     """
 
     def __init__(self, cfg: Config, source: RolloutSource, ref_model: Any | None) -> None:
-        self.cfg = cfg
-        self.source = source
-        self.ref_model = ref_model
+        super().__init__(cfg, source, ref_model)
         self.beta = float(cfg.kl.coef)
         self.controller = None
         if cfg.kl.target is not None:
@@ -214,21 +216,13 @@ class PPO:
         return pg_loss + p.vf_coef * v_loss, shares
 
     # ---------------------------------------------------------- lifecycle
-    def after_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        """Push the new policy weights (only the policy) into the rollout engine."""
-        return self.source.sync_weights(model, step)
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Held-out accuracy with the current rollout weights."""
-        return self.source.evaluate()
-
     def state_dict(self) -> dict[str, Any]:
         """Data position, weight version and the KL coefficient (adaptive controller state)."""
-        return {**self.source.state_dict(), "kl_beta": self.beta}
+        return {**super().state_dict(), "kl_beta": self.beta}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`."""
-        self.source.load_state_dict(state)
+        super().load_state_dict(state)
         self.beta = float(state["kl_beta"])
         if self.controller is not None:
             self.controller.beta = self.beta

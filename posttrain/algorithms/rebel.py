@@ -23,6 +23,7 @@ from posttrain import distributed as dist
 from posttrain import losses
 from posttrain.algorithms.base import StepBatch, chunk_indices, shard_for_rank, trim_micro_batch
 from posttrain.algorithms.rollout_batch import (
+    OnlineAlgorithm,
     RolloutSource,
     Sample,
     policy_token_stats,
@@ -31,7 +32,7 @@ from posttrain.algorithms.rollout_batch import (
 from posttrain.config import Config
 
 
-class Rebel:
+class Rebel(OnlineAlgorithm):
     """The REBEL algorithm object the trainer drives.
 
     Args:
@@ -40,8 +41,7 @@ class Rebel:
     """
 
     def __init__(self, cfg: Config, source: RolloutSource) -> None:
-        self.cfg = cfg
-        self.source = source
+        super().__init__(cfg, source)
         self.num_pairs = 1.0  # valid pairs of the step, all ranks (the loss denominator)
         self.token_total = 1.0  # completion tokens of the step, all ranks (metric denominator)
 
@@ -100,23 +100,6 @@ class Rebel:
             "rebel/pair_logratio_abs_mean": float(seq_lr.abs().sum()) / self.num_pairs,
         }
         return loss, shares
-
-    # ---------------------------------------------------------- lifecycle
-    def after_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        """Push the new weights into the rollout engine."""
-        return self.source.sync_weights(model, step)
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Held-out accuracy with the current rollout weights."""
-        return self.source.evaluate()
-
-    def state_dict(self) -> dict[str, Any]:
-        """Data position and weight version."""
-        return self.source.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()`."""
-        self.source.load_state_dict(state)
 
 
 def group_tensors(groups: list[list[Sample]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -352,6 +352,40 @@ class RolloutSource:
         self.weight_version = int(state["weight_version"])
 
 
+class OnlineAlgorithm:
+    """What every rollout-driven algorithm (GRPO family, REBEL, PPO) shares: its `RolloutSource`.
+
+    Subclasses add `make_batch` and `loss`; weight sync, evaluation and resumable state go through
+    the source here. One level of inheritance, no deeper.
+
+    Args:
+        cfg: run config.
+        source: prompts + rollout engine + rewards (shared with evaluation).
+        ref_model: frozen reference for the KL term, or None when it is not needed.
+    """
+
+    def __init__(self, cfg: Any, source: RolloutSource, ref_model: Any | None = None) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.ref_model = ref_model
+
+    def after_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Push the new policy weights into the rollout engine (version = optimizer steps)."""
+        return self.source.sync_weights(model, step)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out accuracy with the current rollout weights."""
+        return self.source.evaluate()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position and weight version."""
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`."""
+        self.source.load_state_dict(state)
+
+
 def _informative(group: list[Sample]) -> bool:
     vals = [s.reward for s in group if s.valid]
     return len(vals) >= 2 and max(vals) > min(vals)

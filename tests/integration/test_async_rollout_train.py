@@ -8,8 +8,8 @@ import pytest
 
 from posttrain.algorithms.async_rollout import AsyncRolloutSource
 from posttrain.algorithms.rollout_batch import RolloutSource
-from posttrain.config import load_config
 from posttrain.trainer import Trainer
+from tests.tiny_runs import tiny_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -17,26 +17,14 @@ SAME_AT_STEP_ONE = ("loss", "reward/mean", "entropy", "grad_norm", "response_len
 
 
 def _cfg(out: Path, model: Path, *extra: str):
-    return load_config(
-        None,
-        [
-            f"model.path={model}",
-            f"train.output_dir={out}",
-            "train.steps=3",
-            "train.micro_batch_size_per_device=8",
-            "rollout.engine=hf",
-            "rollout.prompts_per_step=4",
-            "rollout.samples_per_prompt=8",
-            "rollout.max_new_tokens=6",
-            "data.train_size=32",
-            "data.max_prompt_tokens=32",
-            "eval.num_problems=0",
-            "optim.lr=1e-3",
-            "log.wandb=disabled",
-            "log.progress=false",
-            "rewards=[{name: length_in_range, kwargs: {max_chars: 5}}]",
-            *extra,
-        ],
+    return tiny_cfg(
+        out,
+        model,
+        "train.steps=3",
+        "rollout.engine=hf",
+        "rollout.samples_per_prompt=8",
+        "data.train_size=32",
+        *extra,
     )
 
 

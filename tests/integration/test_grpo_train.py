@@ -8,37 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.config import load_config
 from posttrain.trainer import Trainer
+from tests.tiny_runs import tiny_cfg
 
 pytestmark = pytest.mark.slow
 
 
 def small_cfg(out: Path, model: Path, *extra: str):
     """A 2-step GRPO config on the tiny model (no warm-up, no eval, wandb off)."""
-    return load_config(
-        None,
-        [
-            f"model.path={model}",
-            f"train.output_dir={out}",
-            "train.steps=2",
-            "train.micro_batch_size_per_device=8",
-            "rollout.prompts_per_step=4",
-            "rollout.samples_per_prompt=4",
-            "rollout.max_new_tokens=6",
-            "data.train_size=64",
-            "data.eval_size=8",
-            "data.max_prompt_tokens=32",
-            "eval.num_problems=0",
-            "optim.lr=1e-3",
-            "log.wandb=disabled",
-            "log.progress=false",
-            # Random weights never get an answer right; completion length varies, so this
-            # reward gives non-zero advantages and real gradients.
-            "rewards=[{name: length_in_range, kwargs: {max_chars: 5}}]",
-            *extra,
-        ],
-    )
+    return tiny_cfg(out, model, *extra)
 
 
 def read_jsonl(path: Path) -> list[dict]:

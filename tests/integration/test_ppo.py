@@ -10,38 +10,23 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain import losses
-from posttrain.config import load_config
 from posttrain.rollout.engine import SamplingConfig
 from posttrain.trainer import Trainer
+from tests.tiny_runs import tiny_cfg
 
 pytestmark = pytest.mark.slow
 
 
 def ppo_cfg(out: Path, model: Path, *extra: str):
     """A short PPO config on the tiny model (no warm-up, no eval, wandb off)."""
-    return load_config(
-        None,
-        [
-            f"model.path={model}",
-            f"train.output_dir={out}",
-            "train.algorithm=ppo",
-            "advantage.estimator=gae",
-            "train.steps=2",
-            "train.micro_batch_size_per_device=8",
-            "rollout.prompts_per_step=8",
-            "rollout.samples_per_prompt=1",
-            "rollout.max_new_tokens=6",
-            "data.train_size=64",
-            "data.eval_size=8",
-            "data.max_prompt_tokens=32",
-            "eval.num_problems=0",
-            "optim.lr=1e-3",
-            "log.wandb=disabled",
-            "log.progress=false",
-            # random weights never answer right; lengths vary, so this reward is informative
-            "rewards=[{name: length_in_range, kwargs: {max_chars: 5}}]",
-            *extra,
-        ],
+    return tiny_cfg(
+        out,
+        model,
+        "train.algorithm=ppo",
+        "advantage.estimator=gae",
+        "rollout.prompts_per_step=8",
+        "rollout.samples_per_prompt=1",
+        *extra,
     )
 
 

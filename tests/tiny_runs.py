@@ -1,0 +1,36 @@
+"""Shared settings for the short training runs that integration tests make on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from posttrain.config import Config, load_config
+
+# 2 GRPO steps of 4 prompts x 4 samples, no warm-up, no eval, wandb off. Random weights never
+# answer right, but completion lengths vary, so `length_in_range` gives real advantages.
+TINY_RUN = (
+    "train.steps=2",
+    "train.micro_batch_size_per_device=8",
+    "rollout.prompts_per_step=4",
+    "rollout.samples_per_prompt=4",
+    "rollout.max_new_tokens=6",
+    "data.train_size=64",
+    "data.eval_size=8",
+    "data.max_prompt_tokens=32",
+    "eval.num_problems=0",
+    "optim.lr=1e-3",
+    "log.wandb=disabled",
+    "log.progress=false",
+    "rewards=[{name: length_in_range, kwargs: {max_chars: 5}}]",
+)
+
+
+def tiny_cfg(out: Path, model: Path, *extra: str) -> Config:
+    """`TINY_RUN` on `model` writing to `out`; `extra` overrides win."""
+    return load_config(None, [f"model.path={model}", f"train.output_dir={out}", *TINY_RUN, *extra])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file (e.g. a run's metrics.jsonl)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
