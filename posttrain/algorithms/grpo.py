@@ -21,6 +21,7 @@ from posttrain.algorithms.base import trim_micro_batch as _trim
 from posttrain.algorithms.rollout_batch import (
     OnlineAlgorithm,
     RolloutSource,
+    by_length,
     check_on_policy,
     policy_token_stats,
     sequences_to_tensors,
@@ -64,7 +65,7 @@ class GRPO(OnlineAlgorithm):
             lengths=lengths.float(),
         )
         flat = [s for g in groups for s in g]
-        mine = shard_for_rank(P * G, dist.rank(), dist.world_size())
+        mine = by_length(flat, shard_for_rank(P * G, dist.rank(), dist.world_size()))
         seqs = [flat[i] for i in mine]
         t = sequences_to_tensors(seqs, seq_adv.reshape(-1)[mine], self.source.pad_id)
         denom_local = losses.aggregation_denominator(t["mask"], cfg.loss.aggregation)
