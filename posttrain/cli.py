@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, RolloutError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"posttrain: error: {err}", file=sys.stderr)
         return 2
+    except RolloutError as err:  # the run stopped cleanly with a resumable checkpoint
+        print(f"posttrain: rollout failed: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from posttrain import distributed as dist
 from posttrain.algorithms import build_algorithm, model_loader
 from posttrain.algorithms.base import model_inputs
 from posttrain.config import AdvantageConfig, Config, KLConfig, PPOConfig, replace, to_dict
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, RolloutError
 from posttrain.logging import RunLogger, progress
 from posttrain.models import load_tokenizer, make_tiny
 
@@ -225,7 +225,11 @@ class Trainer:
         t_train = time.perf_counter()
         metrics = {k: dist.all_reduce_sum(v) / batch.updates for k, v in totals.items()}
         metrics.update(batch.metrics)
-        metrics.update(self.algorithm.after_step(self.engine, self.step + 1))
+        try:
+            metrics.update(self.algorithm.after_step(self.engine, self.step + 1))
+        except RolloutError:
+            self.step += 1  # the optimizer step happened; only the push to the engine failed
+            raise
         t_end = time.perf_counter()
         if grad_norms:
             metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
@@ -268,7 +272,10 @@ class Trainer:
             bar.update(self.step)
         try:
             while self.step < cfg.train.steps:
-                metrics = self.train_step()
+                try:
+                    metrics = self.train_step()
+                except RolloutError as err:
+                    raise self._interrupted(err) from err
                 self._after_metrics(metrics)
                 if bar is not None:
                     bar.update(1)
@@ -287,6 +294,14 @@ class Trainer:
         if dist.is_main():
             report.finish(self, run_eval)
         return self.history
+
+    def _interrupted(self, err: RolloutError) -> RolloutError:
+        """Save a resumable checkpoint after a rollout failure; the error to end the run with."""
+        path = self.save(f"interrupted-step-{self.step:06d}")
+        return RolloutError(
+            f"{err}\nstopped after step {self.step}; resumable checkpoint: {path} "
+            f"(continue with train.resume={path})"
+        )
 
     def _final_eval(self) -> dict[str, float]:
         """Evaluate the final weights (reusing the last step's eval if it ran at this step)."""

@@ -44,10 +44,11 @@ from typing import Any
 import httpx
 import torch
 
+from posttrain.errors import RolloutError
 from posttrain.rollout.engine import Rollout, SamplingConfig, check_sampling
 
 
-class RolloutServerError(RuntimeError):
+class RolloutServerError(RolloutError):
     """A rollout server could not serve a request: names the URL and what happened."""
 
 

@@ -7,6 +7,7 @@ One module-scoped server (about 30 s to start), launched with `server_command` (
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from posttrain.config import load_config
 from posttrain.models import load_policy, load_tokenizer
 from posttrain.rollout.engine import Rollout, SamplingConfig
 from posttrain.rollout.vllm_server import RolloutServerError, ServerEngine, server_command
+from tests.tiny_runs import tiny_cfg
 
 pytestmark = [
     pytest.mark.slow,
@@ -218,11 +220,35 @@ def test_stuck_server_times_out_with_a_clear_error():
 
 
 def test_killed_server_raises_clear_error(server, tiny_model_dir, tmp_path):
-    """Must stay last: it kills the module's server."""
+    """Must stay last: it kills the module's server (mid-run: a resumable checkpoint is left)."""
+    from posttrain.errors import RolloutError
+    from posttrain.trainer import Trainer
+
     url, proc = server
+    out = tmp_path / "run"
+    trainer = Trainer(
+        tiny_cfg(
+            out,
+            tiny_model_dir,
+            "train.steps=4",
+            "rollout.engine=server",
+            f"rollout.server_url={url}",
+            f"rollout.server_timeout_s={TIMEOUT_S}",
+            "rollout.prompts_per_step=2",
+        )
+    )
+    trainer.train_step()
+    trainer.train_step()
     engine = _engine(url, tiny_model_dir, tmp_path / "weights")
     engine.generate(_prompts(tiny_model_dir), SAMPLING)
     _stop(proc)
+    with pytest.raises(RolloutError, match="resumable checkpoint") as err:
+        trainer.train()
+    ckpt = out / "checkpoints" / "interrupted-step-000002"
+    assert str(ckpt) in str(err.value) and url in str(err.value)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+    assert (ckpt / "model.safetensors").is_file()
+    assert not (out / "checkpoints" / "final").exists()
     start = time.monotonic()
     with pytest.raises(RolloutServerError, match="server down or restarting") as err:
         engine.generate(_prompts(tiny_model_dir), SAMPLING)
