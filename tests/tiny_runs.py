@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import sys
 from pathlib import Path
 
 from posttrain.config import Config, load_config
@@ -34,3 +36,17 @@ def tiny_cfg(out: Path, model: Path, *extra: str) -> Config:
 def read_jsonl(path: Path) -> list[dict]:
     """The rows of a JSONL file (e.g. a run's metrics.jsonl)."""
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """A `torchrun` command prefix for `nproc` local processes on a free rendezvous port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={port}",
+    ]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.tiny_runs import torchrun
 
 pytestmark = pytest.mark.slow
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
@@ -48,24 +49,11 @@ def _run(args: list[str], out: Path, model: Path, extra: list[str]) -> list[dict
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _torchrun() -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-    ]
-
-
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_ranks_match_one(tmp_path, tiny_model_dir, zero_stage):
     one = _run([sys.executable, "-m", "posttrain.cli"], tmp_path / "one", tiny_model_dir, [])
     two = _run(
-        [*_torchrun(), "-m", "posttrain.cli"],
+        [*torchrun(), "-m", "posttrain.cli"],
         tmp_path / "two",
         tiny_model_dir,
         [f"train.zero_stage={zero_stage}"],

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.tiny_runs import torchrun
 
 pytestmark = pytest.mark.slow
 DRIVER = Path(__file__).with_name("distributed_vllm_driver.py")
@@ -57,24 +58,11 @@ def _run(launcher: list[str], out: Path, model: Path, extra: list[str]) -> list[
     return [json.loads(f.read_text()) for f in files]
 
 
-def _torchrun() -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-    ]
-
-
 def test_two_vllm_ranks_match_one(tmp_path, tiny_model_dir):
     (one,) = _run([sys.executable], tmp_path / "one", tiny_model_dir, [])
     # ZeRO-Offload (optimizer state and parameters in CPU memory) changes where, not what.
     offload = ["train.offload_optimizer=true", "train.offload_params=true"]
-    two = _run(_torchrun(), tmp_path / "two", tiny_model_dir, offload)
+    two = _run(torchrun(), tmp_path / "two", tiny_model_dir, offload)
     assert len(two) == 2
     for rank_rows in two:
         assert [r["world"] for r in rank_rows] == [2, 2, 2]

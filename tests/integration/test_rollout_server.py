@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from posttrain import losses
-from posttrain.config import load_config
 from posttrain.models import load_policy, load_tokenizer
 from posttrain.rollout.engine import Rollout, SamplingConfig
 from posttrain.rollout.vllm_server import RolloutServerError, ServerEngine, server_command
@@ -171,28 +170,16 @@ def test_grpo_trains_through_the_server(server, tiny_model_dir, tmp_path):
     url, _ = server
 
     def cfg(name: str, *extra: str):
-        return load_config(
-            None,
-            [
-                f"model.path={tiny_model_dir}",
-                f"train.output_dir={tmp_path / name}",
-                "train.steps=3",
-                "train.micro_batch_size_per_device=8",
-                "rollout.engine=server",
-                f"rollout.server_url={url}",
-                f"rollout.server_timeout_s={TIMEOUT_S}",
-                "rollout.prompts_per_step=2",
-                "rollout.samples_per_prompt=4",
-                "rollout.max_new_tokens=6",
-                "data.train_size=32",
-                "data.max_prompt_tokens=32",
-                "eval.num_problems=0",
-                "optim.lr=1e-3",
-                "log.wandb=disabled",
-                "log.progress=false",
-                "rewards=[{name: length_in_range, kwargs: {max_chars: 5}}]",
-                *extra,
-            ],
+        return tiny_cfg(
+            tmp_path / name,
+            tiny_model_dir,
+            "train.steps=3",
+            "rollout.engine=server",
+            f"rollout.server_url={url}",
+            f"rollout.server_timeout_s={TIMEOUT_S}",
+            "rollout.prompts_per_step=2",
+            "data.train_size=32",
+            *extra,
         )
 
     history = Trainer(cfg("sync")).train()
