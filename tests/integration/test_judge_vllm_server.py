@@ -16,14 +16,10 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from rewards import judge as judge_mod
@@ -32,6 +28,7 @@ from rewards.judge import judge_verifier
 from rewards.registry import RewardSpec
 from rewards.rubric import rubric
 from rewards.startup import validate_rewards
+from tests.servers import free_port, stop, wait_healthy
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,7 +37,6 @@ pytestmark = [
 
 MODEL = "tiny-judge"
 MAX_MODEL_LEN = 2048
-STARTUP_S = 300
 PROMPTS = ["What is 2 + 3?"] * 4
 COMPLETIONS = ["5", "The answer is 6.", "\\boxed{5}", "five"]
 ANSWERS = ["5"] * 4
@@ -53,12 +49,6 @@ SCORE_REGEX = r'\{"score": (0|0\.5|1)\}'
 PARSE_FAILURES = {"unparseable", "invalid_answer"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _long_context_copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     cfg_path = dst / "config.json"
@@ -68,44 +58,12 @@ def _long_context_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (it was started in its own session), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-            pytest.fail(f"vLLM server exited with {proc.returncode}:\n{tail}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-    pytest.fail(f"vLLM server not healthy after {STARTUP_S}s:\n{tail}")
-
-
 @pytest.fixture(scope="module")
 def judge_url(tiny_model_dir, tmp_path_factory):
     """Base URL of a vLLM server of the tiny model; the server is always stopped afterwards."""
     root = tmp_path_factory.mktemp("vllm-judge")
     model_dir = _long_context_copy(tiny_model_dir, root / "model")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -120,10 +78,10 @@ def judge_url(tiny_model_dir, tmp_path_factory):
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     try:
-        _wait_healthy(proc, url, log)
+        wait_healthy(proc, url, log)
         yield url
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -24,6 +23,7 @@ from posttrain import losses
 from posttrain.models import load_policy, load_tokenizer
 from posttrain.rollout.engine import Rollout, SamplingConfig
 from posttrain.rollout.vllm_server import RolloutServerError, ServerEngine, server_command
+from tests.servers import free_port, stop, wait_healthy
 from tests.tiny_runs import tiny_cfg
 
 pytestmark = [
@@ -31,38 +31,16 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
 ]
 
-STARTUP_S = 300
 TIMEOUT_S = 30.0
 TEMPERATURE = 0.8
 SAMPLING = SamplingConfig(n=3, temperature=TEMPERATURE, max_new_tokens=8, seed=11)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, then SIGKILL."""
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait_s)
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """(url, process) of a rollout server on the tiny model; always stopped afterwards."""
     root = tmp_path_factory.mktemp("rollout-server")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd, env = server_command(str(tiny_model_dir), port=port, max_model_len=256)
     log = root / "server.log"
@@ -75,22 +53,10 @@ def server(tiny_model_dir, tmp_path_factory):
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-            if proc.poll() is not None:
-                pytest.fail(f"rollout server exited with {proc.returncode}:\n{tail}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"rollout server not healthy after {STARTUP_S}s:\n{tail}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_healthy(proc, url, log, "rollout server")
         yield url, proc
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _prompts(model_dir: Path) -> list[list[int]]:
@@ -228,7 +194,7 @@ def test_killed_server_raises_clear_error(server, tiny_model_dir, tmp_path):
     trainer.train_step()
     engine = _engine(url, tiny_model_dir, tmp_path / "weights")
     engine.generate(_prompts(tiny_model_dir), SAMPLING)
-    _stop(proc)
+    stop(proc)
     with pytest.raises(RolloutError, match="resumable checkpoint") as err:
         trainer.train()
     ckpt = out / "checkpoints" / "interrupted-step-000002"
