@@ -326,7 +326,8 @@ def test_judge_verifier_scores_and_api_key(server, monkeypatch):
     assert judge_verifier.last_results[3].reason == "no_reference"
     assert server.requests == 3
     assert server.auth == "Bearer sk-test"
-    body = server.bodies[0]
+    # Requests run concurrently, so find the "2+2?" one rather than trusting arrival order.
+    (body,) = [b for b in server.bodies if "2+2?" in b["messages"][1]["content"]]
     assert body["model"] == MODEL and body["temperature"] == 0.0
     assert "<reference_answer>\n4\n</reference_answer>" in body["messages"][1]["content"]
 
