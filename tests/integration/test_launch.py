@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from posttrain.dsconfig import (
     merge_deepspeed_config,
 )
 from posttrain.errors import ConfigError
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch"
@@ -366,9 +366,14 @@ for path in sys.argv[2:]:
 """
 
 
+def _fresh_env() -> dict[str, str]:
+    """This process's environment without the distributed variables a child must set itself."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+
+
 @pytest.mark.slow
 def test_deepspeed_jsons_build_a_working_engine(tiny_model_dir):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env = _fresh_env()
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, "-c", _ENGINE_SCRIPT, str(tiny_model_dir), *map(str, DS_JSONS)],
@@ -389,10 +394,8 @@ def test_deepspeed_jsons_build_a_working_engine(tiny_model_dir):
 
 @pytest.mark.slow
 def test_torchrun_script_trains_two_ranks(tmp_path, tiny_model_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    port = free_port()
+    env = _fresh_env()
     env.update({"DRY_RUN": "0", "NPROC": "2", "PORT": str(port), "PYTHON": sys.executable})
     env["DS_CONFIG"] = "launch/deepspeed/zero2.json"
     out = tmp_path / "run"

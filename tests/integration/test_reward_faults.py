@@ -32,10 +32,10 @@ import pytest
 
 import rewards
 from posttrain.algorithms import rollout_batch
-from posttrain.config import load_config
 from posttrain.trainer import Trainer
 from rewards import registry
 from rewards.boundary import per_sample
+from tests.tiny_runs import tiny_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -97,29 +97,17 @@ def scored(monkeypatch):
 
 
 def _cfg(out: Path, model: Path):
-    return load_config(
-        None,
-        [
-            f"model.path={model}",
-            f"train.output_dir={out}",
-            f"train.steps={STEPS}",
-            "train.micro_batch_size_per_device=8",
-            f"rollout.prompts_per_step={PROMPTS_PER_STEP}",
-            f"rollout.samples_per_prompt={SAMPLES_PER_PROMPT}",
-            "rollout.max_new_tokens=6",
-            "rollout.engine=hf",
-            "rollout.filter_zero_variance_groups=false",
-            "rollout.mask_truncated=false",
-            "data.train_size=64",
-            "data.eval_size=8",
-            "data.max_prompt_tokens=32",
-            "eval.num_problems=0",
-            "optim.lr=1e-3",
-            "log.wandb=disabled",
-            "log.progress=false",
-            f"reward_timeout_s={TIMEOUT_S}",
-            f"rewards=[{{name: {NAME}}}, {{name: format_number, weight: 0.1}}]",
-        ],
+    return tiny_cfg(
+        out,
+        model,
+        f"train.steps={STEPS}",
+        f"rollout.prompts_per_step={PROMPTS_PER_STEP}",
+        f"rollout.samples_per_prompt={SAMPLES_PER_PROMPT}",
+        "rollout.engine=hf",
+        "rollout.filter_zero_variance_groups=false",
+        "rollout.mask_truncated=false",
+        f"reward_timeout_s={TIMEOUT_S}",
+        f"rewards=[{{name: {NAME}}}, {{name: format_number, weight: 0.1}}]",
     )
 
 
