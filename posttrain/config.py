@@ -109,7 +109,10 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     kv_cache_gib: float = 1.0
-    gpu_memory_utilization: float = 0.5
+    # CUDA, colocated vLLM: share of the GPU vLLM may hold, or "auto" (weights + one step's KV
+    # cache, rollout/memory.py); sleep_level 1/2 frees it while the trainer runs (0 = never)
+    gpu_memory_utilization: float | str = "auto"
+    sleep_level: int = 0
     filter_zero_variance_groups: bool = False
     max_generation_rounds: int = 4
     mask_truncated: bool = False

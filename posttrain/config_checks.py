@@ -43,6 +43,7 @@ def validate(cfg: Config) -> None:
     )
     _check(r.server_timeout_s > 0, "rollout.server_timeout_s must be > 0")
     _check(r.max_staleness >= 0, "rollout.max_staleness must be >= 0 (0 = synchronous)")
+    _validate_rollout_memory(cfg)
     _check(r.temperature > 0, "rollout.temperature must be > 0 (use eval for greedy decoding)")
     _check(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
     _check(t.steps >= 0, "train.steps must be >= 0")
@@ -84,6 +85,28 @@ def validate(cfg: Config) -> None:
             Path(cfg.model.path).is_dir(),
             f"model.path: directory {cfg.model.path} does not exist (use 'tiny' for the "
             "built-in model, a local directory or a hub name)",
+        )
+
+
+def _validate_rollout_memory(cfg: Config) -> None:
+    """gpu_memory_utilization ("auto" or a share) and sleep_level (0, 1, 2)."""
+    r = cfg.rollout
+    util = r.gpu_memory_utilization
+    _check(
+        util == "auto" or (isinstance(util, float) and 0 < util <= 1),
+        f"rollout.gpu_memory_utilization={util!r}: use 'auto' or a number in (0, 1]",
+    )
+    _check(r.sleep_level in (0, 1, 2), f"rollout.sleep_level={r.sleep_level}: use 0, 1 or 2")
+    if r.sleep_level:
+        _check(
+            r.max_staleness == 0,
+            "rollout.sleep_level > 0 needs rollout.max_staleness=0 (async generation overlaps "
+            "training, so vLLM's memory cannot be handed to the trainer)",
+        )
+        _check(
+            r.sleep_level == 1 or cfg.model.lora.sync != "adapter",
+            "rollout.sleep_level=2 drops the base weights, which model.lora.sync=adapter keeps "
+            "using; use sleep_level=1",
         )
 
 

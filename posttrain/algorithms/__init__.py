@@ -65,6 +65,10 @@ def make_rollout_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
             "seed": cfg.train.seed,
             "kv_cache_gib": r.kv_cache_gib,
             "gpu_memory_utilization": r.gpu_memory_utilization,
+            "sleep_level": r.sleep_level,
+            "max_concurrent_seqs": max(
+                1, r.prompts_per_step * r.samples_per_prompt // dist.world_size()
+            ),
         }
         if cfg.model.lora.sync == "adapter":  # serve the trained LoRA adapter, not merged weights
             kw["lora_rank"] = cfg.model.lora.r

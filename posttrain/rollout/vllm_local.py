@@ -42,6 +42,7 @@ import torch
 from posttrain.errors import ConfigError
 from posttrain.models import resolve_model_path
 from posttrain.rollout.engine import Rollout, SamplingConfig, check_sampling
+from posttrain.rollout.memory import SleepCycle, auto_memory_fraction
 
 _GIB = 1 << 30
 
@@ -93,10 +94,15 @@ class VLLMEngine:
         max_model_len: prompt + completion token budget per sequence.
         seed: engine seed (used when SamplingConfig.seed is None).
         kv_cache_gib: CPU only: KV cache size in GiB.
-        gpu_memory_utilization: CUDA only: fraction of GPU memory vLLM may take.
+        gpu_memory_utilization: CUDA only: fraction of GPU memory vLLM may take, or "auto":
+            sized from the model and `max_concurrent_seqs` (`memory.vllm_memory_fraction`).
         dtype: "auto" -> float32 on CPU, the checkpoint's dtype on CUDA; or an explicit dtype name.
         enforce_eager: None -> True on CPU, False (CUDA graphs) on CUDA.
-        enable_sleep_mode: CUDA only: allow `sleep()` / `wake_up()` to free GPU memory.
+        enable_sleep_mode: CUDA only: start vLLM with sleep mode (implied by sleep_level > 0).
+        sleep_level: CUDA only: 1 or 2 puts vLLM to sleep after every `generate` (weights
+            offloaded (1) or dropped (2), KV cache dropped) and wakes it around the next
+            weight load / generate (`memory.SleepCycle`); 0 (and on CPU) never sleeps.
+        max_concurrent_seqs: sequences one `generate` call runs at once (for "auto" sizing).
         lora_rank: > 0 enables LoRA adapter sync (`load_adapter`) for adapters up to this rank.
         lora_targets: the adapter's target modules, checked against what vLLM can serve.
         **llm_kwargs: passed to `vllm.LLM` unchanged.
@@ -109,10 +115,12 @@ class VLLMEngine:
         max_model_len: int,
         seed: int = 0,
         kv_cache_gib: float = 1.0,
-        gpu_memory_utilization: float = 0.5,
+        gpu_memory_utilization: float | str = 0.5,
         dtype: str = "auto",
         enforce_eager: bool | None = None,
         enable_sleep_mode: bool = False,
+        sleep_level: int = 0,
+        max_concurrent_seqs: int = 256,
         lora_rank: int = 0,
         lora_targets: Sequence[str] = (),
         **llm_kwargs: Any,
@@ -127,11 +135,15 @@ class VLLMEngine:
             "max_model_len": max_model_len,
             "seed": seed,
             "logprobs_mode": "processed_logprobs",
-            "enable_sleep_mode": enable_sleep_mode and self.on_cuda,
+            "enable_sleep_mode": (enable_sleep_mode or sleep_level > 0) and self.on_cuda,
         }
         if self.on_cuda:
             kwargs["dtype"] = dtype
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["gpu_memory_utilization"] = (
+                auto_memory_fraction(kwargs["model"], dtype, max_model_len, max_concurrent_seqs)
+                if gpu_memory_utilization == "auto"
+                else float(gpu_memory_utilization)
+            )
             kwargs["enforce_eager"] = bool(enforce_eager)
         else:
             if kv_cache_gib <= 0:
@@ -161,6 +173,7 @@ class VLLMEngine:
             _restore_rng(rng)
             torch.set_num_threads = set_num_threads
         self.init_seconds = time.perf_counter() - start
+        self.sleep_cycle = SleepCycle(self.llm, sleep_level if self.on_cuda else 0)
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
         self.lora_request: Any = None  # the current adapter version's vllm LoRARequest
@@ -185,6 +198,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         check_sampling(sampling)
+        self.sleep_cycle.before_generate()
 
         def params(seed: int | None) -> SamplingParams:
             return SamplingParams(
@@ -204,6 +218,7 @@ class VLLMEngine:
             sp = [params(sampling.seed + i * sampling.n) for i in range(len(prompt_ids))]
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
         outputs = self.llm.generate(prompts, sp, use_tqdm=False, lora_request=self.lora_request)
+        self.sleep_cycle.after_generate()
         return self._to_rollouts(prompt_ids, outputs)
 
     def _to_rollouts(self, prompt_ids: list[list[int]], outputs: list[Any]) -> list[Rollout]:
@@ -245,6 +260,7 @@ class VLLMEngine:
             Seconds taken (reload + prefix-cache reset).
         """
         start = time.perf_counter()
+        self.sleep_cycle.before_load()
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": _detached(named_tensors)}
         )
@@ -285,6 +301,7 @@ class VLLMEngine:
         if not hasattr(self, "_adapter_root"):
             raise ConfigError("model.lora.sync=adapter: this engine was built with lora_rank=0")
         start = time.perf_counter()
+        self.sleep_cycle.before_load()
         self._lora_ids += 1
         path = self._adapter_root / f"v{self._lora_ids}"
         path.mkdir()
@@ -305,13 +322,3 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.weight_version = version
         return time.perf_counter() - start
-
-    def sleep(self, level: int = 1) -> None:
-        """Free GPU memory between rollouts (CUDA with enable_sleep_mode=True; no-op otherwise)."""
-        if self.on_cuda and self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
-            self.llm.sleep(level=level)
-
-    def wake_up(self) -> None:
-        """Undo `sleep()` (no-op where sleep is a no-op)."""
-        if self.on_cuda and self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
-            self.llm.wake_up()
