@@ -6,7 +6,7 @@ per rank) and `trainer_state.json` + `rng.pt` (step, weight version, data positi
 With LoRA (`model.lora.r > 0`) the top-level model holds the merged weights and `adapter/` the
 peft adapter (`PeftModel.from_pretrained(base, "<ckpt>/adapter")`).
 It is written to `<name>.tmp`, fsynced, then renamed: a crash never leaves a half checkpoint
-under the final name.
+under the final name (anything ending in `.tmp` is ignored by `latest`).
 """
 
 from __future__ import annotations
@@ -129,9 +129,14 @@ def save(
     dist.barrier()
     if dist.is_main():
         _fsync_tree(tmp)
+        # an older checkpoint of this name moves aside in one rename: a process killed here
+        # (e.g. by the watchdog) never leaves a half-deleted directory under the final name
+        old = ckpt_dir.with_name(ckpt_dir.name + ".old.tmp")
         if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(ckpt_dir, old)
         os.replace(tmp, ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return ckpt_dir
 

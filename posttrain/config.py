@@ -210,6 +210,11 @@ class TrainConfig:
     deepspeed_config: str | None = None  # JSON merged over the generated config (launch/deepspeed/)
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer state + AdamW step in CPU memory
     offload_params: bool = False  # ZeRO-3: parameters in CPU memory between uses
+    # a collective (gloo/nccl, DeepSpeed's groups too) that waits longer raises on that rank
+    dist_timeout_s: float = 1800.0
+    # a loop phase (generate, train, weight sync, checkpoint save, eval) running longer ends
+    # the process with a message naming it and the newest checkpoint (0 = no limit)
+    phase_timeout_s: float = 7200.0
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ def validate(cfg: Config) -> None:
     _check(t.micro_batch_size_per_device >= 1, "train.micro_batch_size_per_device must be >= 1")
     _check(t.updates_per_batch >= 1, "train.updates_per_batch must be >= 1")
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
+    _check(t.dist_timeout_s > 0, "train.dist_timeout_s must be > 0 (seconds)")
+    _check(t.phase_timeout_s >= 0, "train.phase_timeout_s must be >= 0 (seconds; 0 = no limit)")
     _check(
         not t.offload_optimizer or t.zero_stage >= 1,
         f"train.offload_optimizer needs train.zero_stage 1, 2 or 3 (got {t.zero_stage})",

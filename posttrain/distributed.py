@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -52,14 +53,41 @@ def setup_environment() -> None:
         os.environ[_AUTO_PORT_MARK] = f"{os.getpid()}:{os.environ['MASTER_PORT']}"
 
 
-def init_distributed() -> None:
-    """Initialise torch.distributed once (gloo on CPU, nccl on GPU)."""
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def set_collective_timeout(timeout_s: float) -> timedelta:
+    """Make `timeout_s` the limit of every process group made from now on.
+
+    `torch.distributed.new_group` (DeepSpeed's clones of the world group, which carry its
+    gradient all-reduce) takes torch's module default, not the world group's timeout.
+    """
+    from torch.distributed import distributed_c10d
+
+    limit = timedelta(seconds=float(timeout_s))
+    distributed_c10d.default_pg_timeout = limit
+    if getattr(distributed_c10d, "default_pg_nccl_timeout", None) is not None:
+        distributed_c10d.default_pg_nccl_timeout = limit
+    return limit
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Initialise torch.distributed once (gloo on CPU, nccl on GPU).
+
+    Args:
+        timeout_s: how long a collective waits for the other ranks before it raises
+            (`train.dist_timeout_s`); applies to every group, DeepSpeed's included. A group
+            that already exists keeps its limit.
+    """
     setup_environment()
     if torch.distributed.is_initialized():
         return
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False)
+    limit = set_collective_timeout(timeout_s)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if on_gpu() else "gloo", verbose=False, timeout=limit
+    )
     if on_gpu():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 

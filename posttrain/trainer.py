@@ -31,6 +31,7 @@ from posttrain.config import AdvantageConfig, Config, KLConfig, PPOConfig, repla
 from posttrain.errors import ConfigError, RolloutError
 from posttrain.logging import RunLogger, progress
 from posttrain.models import load_tokenizer, make_tiny
+from posttrain.watchdog import Watchdog
 
 
 def lr_multiplier(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -85,7 +86,7 @@ class Trainer:
     def __init__(self, config: Config) -> None:
         self.cfg = config
         gc.collect()  # finalise engines of earlier Trainers now, not midway through this init
-        dist.init_distributed()
+        dist.init_distributed(config.train.dist_timeout_s)
         set_seed(config.train.seed)
         self.out = Path(config.train.output_dir)
         created = not self.out.exists()
@@ -106,6 +107,13 @@ class Trainer:
         self.eval_before: dict[str, float] = {}
         self.eval_after: dict[str, float] = {}
         self.final_checkpoint: Path | None = None
+        # names the loop's phases; ends a rank stuck in one (train.phase_timeout_s)
+        self.watchdog = Watchdog(
+            config.train.phase_timeout_s,
+            checkpoints=self.out / "checkpoints",
+            rank=dist.rank(),
+            world_size=dist.world_size(),
+        )
 
     def _warmup(self, model_path: str) -> str:
         """Run the optional SFT warm-up (once; reused on resume); return the model to train."""
@@ -185,7 +193,8 @@ class Trainer:
     def save(self, name: str | None = None) -> Path:
         """Write an atomic checkpoint under `<output_dir>/checkpoints/`."""
         ckpt = self.out / "checkpoints" / (name or f"step-{self.step:06d}")
-        return checkpoint.save(ckpt, self.engine, self.tokenizer, self.state())
+        with self.watchdog.phase("checkpoint save"):
+            return checkpoint.save(ckpt, self.engine, self.tokenizer, self.state())
 
     def resume(self, path: str | Path) -> None:
         """Restore a checkpoint (`auto` = the newest one in this run's output dir)."""
@@ -202,22 +211,29 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train_step(self) -> dict[str, float]:
         """One batch: make it, run its updates, sync; returns the step's metrics."""
+        with self.watchdog.phase("step"):  # the time between the named phases
+            return self._train_step()
+
+    def _train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        batch = self.algorithm.make_batch(self.step, self.engine)
+        generates = hasattr(self.algorithm, "source")  # online algorithms roll out
+        with self.watchdog.phase("generate" if generates else "batch"):
+            batch = self.algorithm.make_batch(self.step, self.engine)
         t_batch = time.perf_counter()
         world = dist.world_size()
         totals: dict[str, float] = {}
         grad_norms = []
         for _ in range(batch.updates):
-            for mb in batch.micro_batches:
-                outputs = self.engine(**model_inputs(mb))
-                loss, shares = self.algorithm.loss(outputs, mb)
-                self.engine.backward(loss * world, scale_wrt_gas=False)
-                shares = {"loss": float(loss.detach()), **shares}
-                for k, v in shares.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-            local_norm = self._local_grad_norm()
-            self.engine.step()
+            with self.watchdog.phase("train"):
+                for mb in batch.micro_batches:
+                    outputs = self.engine(**model_inputs(mb))
+                    loss, shares = self.algorithm.loss(outputs, mb)
+                    self.engine.backward(loss * world, scale_wrt_gas=False)
+                    shares = {"loss": float(loss.detach()), **shares}
+                    for k, v in shares.items():
+                        totals[k] = totals.get(k, 0.0) + float(v)
+                local_norm = self._local_grad_norm()
+                self.engine.step()
             norm = self.engine.get_global_grad_norm()
             norm = local_norm if norm is None else norm
             if norm is not None:
@@ -226,7 +242,8 @@ class Trainer:
         metrics = {k: dist.all_reduce_sum(v) / batch.updates for k, v in totals.items()}
         metrics.update(batch.metrics)
         try:
-            metrics.update(self.algorithm.after_step(self.engine, self.step + 1))
+            with self.watchdog.phase("weight sync"):
+                metrics.update(self.algorithm.after_step(self.engine, self.step + 1))
         except RolloutError:
             self.step += 1  # the optimizer step happened; only the push to the engine failed
             raise
@@ -253,9 +270,14 @@ class Trainer:
 
     def train(self) -> list[dict[str, float]]:
         """Run until `train.steps`; evaluate before and after; returns the per-step metrics."""
+        with self.watchdog:  # a phase running past train.phase_timeout_s ends the process
+            return self._train()
+
+    def _train(self) -> list[dict[str, float]]:
         cfg = self.cfg
         if cfg.train.resume:
-            self.resume(cfg.train.resume)
+            with self.watchdog.phase("resume"):
+                self.resume(cfg.train.resume)
         self.logger = RunLogger(
             self.out,
             wandb_mode=cfg.log.wandb,
@@ -265,7 +287,8 @@ class Trainer:
         )
         run_eval = cfg.eval.num_problems > 0 and hasattr(self.algorithm, "evaluate")
         if run_eval and self.step == 0:
-            self.eval_before = self.algorithm.evaluate(0)
+            with self.watchdog.phase("eval"):
+                self.eval_before = self.algorithm.evaluate(0)
             self.logger.log(0, self.eval_before)
         bar = progress(cfg.train.steps, desc=cfg.train.algorithm) if cfg.log.progress else None
         if bar is not None:
@@ -284,7 +307,8 @@ class Trainer:
                 bar.close()
                 bar = None
             if run_eval:
-                self.eval_after = self._final_eval()
+                with self.watchdog.phase("eval"):
+                    self.eval_after = self._final_eval()
             if self.step > 0:
                 self.final_checkpoint = self.save("final")
         finally:
@@ -317,7 +341,8 @@ class Trainer:
     def _after_metrics(self, metrics: dict[str, float]) -> None:
         cfg = self.cfg
         if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-            metrics.update(self.algorithm.evaluate(self.step))
+            with self.watchdog.phase("eval"):
+                metrics.update(self.algorithm.evaluate(self.step))
         self.history.append(metrics)
         assert self.logger is not None
         self.logger.log(self.step, metrics)
