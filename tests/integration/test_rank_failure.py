@@ -155,7 +155,11 @@ def test_killed_rank_ends_the_run(tmp_path, tiny_model_dir):
     text = run.output()
     assert rc != 0, text[-3000:]
     assert seconds < BOUND_S
-    assert "Signal 9 (SIGKILL) received by PID" in text, text[-3000:]
+    assert f"Signal 9 (SIGKILL) received by PID {run.pids[1]}" in text, text[-3000:]  # torchrun
+    # rank 0, when its collective notices the dead peer before torchrun stops it, says so too
+    for line in text.splitlines():
+        if line.startswith("[posttrain] rank 0 of 2 failed in phase '"):
+            assert line.endswith(f"train.resume={latest(run.out / 'checkpoints')}")
 
 
 def test_stopped_rank_ends_the_run_with_the_watchdog_and_resumes(tmp_path, tiny_model_dir):
@@ -191,3 +195,47 @@ def test_stopped_rank_ends_the_run_with_the_collective_timeout(tmp_path, tiny_mo
     lines = [x for x in text.splitlines() if "[posttrain] rank 0 of 2 failed in phase '" in x]
     assert len(lines) == 1, text[-3000:]
     assert "continue with train.resume=" in lines[0]
+
+
+def test_checkpoint_stuck_mid_save_is_never_taken_for_complete(tmp_path, tiny_model_dir):
+    """The watchdog ends a process stuck writing step 2's checkpoint after its state file was
+    written; the half-saved directory keeps its `.tmp` name and the message names step 1."""
+    out = tmp_path / "run"
+    overrides = [
+        f"model.path={tiny_model_dir}",
+        f"train.output_dir={out}",
+        *SFT_RUN,
+        "train.steps=5",
+        "train.save_every=1",
+        "train.phase_timeout_s=5",
+    ]
+    code = f"""
+import time
+from posttrain import checkpoint
+from posttrain.config import load_config
+from posttrain.trainer import Trainer
+
+real_fsync = checkpoint._fsync_tree
+
+def stuck_on_step_2(path):  # fault: the filesystem stops answering while step 2 is saved
+    if "step-000002" in str(path):
+        time.sleep(600)
+    real_fsync(path)
+
+checkpoint._fsync_tree = stuck_on_step_2
+Trainer(load_config({str(RECIPE)!r}, {overrides!r})).train()
+"""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300
+    )
+    seconds = time.monotonic() - t0
+    assert proc.returncode == EXIT_CODE, proc.stderr[-3000:]
+    assert seconds < BOUND_S
+    ckpts = out / "checkpoints"
+    half = ckpts / "step-000002.tmp"
+    assert (half / STATE_FILE).is_file() and not (ckpts / "step-000002").exists()
+    assert latest(ckpts) == ckpts / "step-000001"
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "watchdog: rank 0 of 1 stuck in phase 'checkpoint save' for " in last
+    assert last.endswith(f"continue with train.resume={ckpts / 'step-000001'}")
