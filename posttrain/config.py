@@ -124,6 +124,14 @@ class RolloutConfig:
     server_url: str = ""
     server_timeout_s: float = 120.0
     server_weights_dir: str = ""
+    # engine=server weight push: "file" (safetensors file + reload; the servers must read
+    # server_weights_dir) or "nccl" (CUDA only: vLLM's NCCL weight transfer from rank 0; the
+    # servers run with --weight-transfer-config '{"backend": "nccl"}'). NCCL rendezvous: the
+    # trainer rank 0's address as the servers reach it ("" = the local address that routes to
+    # the first server) and the port of server 0 (server i: port + i; 0 = free ports)
+    server_weight_transfer: str = "file"
+    server_nccl_address: str = ""
+    server_nccl_port: int = 0
     # 0: synchronous. k >= 1: step n+1 is generated while step n trains; rollouts sampled with
     # weight version v are trained at trainer version <= v + k (docs/launch.md)
     max_staleness: int = 0
@@ -349,6 +357,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.tiny_size": ("tiny", "bench"),
     "rollout.engine": ("vllm", "hf", "server"),
+    "rollout.server_weight_transfer": ("file", "nccl"),
     "advantage.estimator": ("grpo", "dr_grpo", "batch_std", "rloo", "reinforce_pp", "opo", "gae"),
     "loss.ratio_level": ("token", "sequence"),
     "loss.aggregation": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),

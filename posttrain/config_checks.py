@@ -42,6 +42,15 @@ def validate(cfg: Config) -> None:
         "with `posttrain rollout-server MODEL`)",
     )
     _check(r.server_timeout_s > 0, "rollout.server_timeout_s must be > 0")
+    _check(0 <= r.server_nccl_port < 65536, "rollout.server_nccl_port must be in [0, 65535]")
+    if r.server_weight_transfer == "nccl":
+        import torch
+
+        _check(
+            torch.cuda.is_available(),
+            "rollout.server_weight_transfer=nccl needs CUDA on the trainer (NCCL); none is "
+            "available here: use rollout.server_weight_transfer=file",
+        )
     _check(r.max_staleness >= 0, "rollout.max_staleness must be >= 0 (0 = synchronous)")
     _validate_rollout_memory(cfg)
     _check(r.temperature > 0, "rollout.temperature must be > 0 (use eval for greedy decoding)")

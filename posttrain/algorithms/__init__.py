@@ -92,33 +92,30 @@ def make_rollout_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
 
 
 def _make_server_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
-    """`rollout.engine=server`: vLLM server process(es) at `rollout.server_url` (one rank).
+    """`rollout.engine=server`: vLLM server process(es) at `rollout.server_url`.
 
-    The servers are reloaded from `model_path` (a local directory they can read) so that
-    version 0 is the run's starting point, whatever an earlier run left in them.
+    The servers are reloaded from `model_path` (a local directory) so that version 0 is the
+    run's starting point, whatever an earlier run left in them. With several ranks each samples
+    its block of the prompts and rank 0 alone pushes weights (posttrain/rollout/server_ranks.py).
     """
     from pathlib import Path
 
-    from posttrain.rollout import make_engine
+    from posttrain.rollout.server_ranks import make_server_engine
 
     r = cfg.rollout
-    if dist.world_size() > 1:
-        raise ConfigError(
-            "rollout.engine=server runs with one training rank for now (every rank would push "
-            f"the weights and sample the whole batch); got {dist.world_size()} ranks"
-        )
     weights_dir = r.server_weights_dir or str(Path(cfg.train.output_dir) / "rollout-weights")
-    engine = make_engine(
-        "server",
-        model_path,
-        urls=r.server_url,
+    return make_server_engine(
+        r.server_url,
+        model_path=model_path,
+        rank=dist.rank(),
+        world=dist.world_size(),
         weights_dir=weights_dir,
         timeout_s=r.server_timeout_s,
         tokenizer=tokenizer,
+        weight_transfer=r.server_weight_transfer,
+        nccl_address=r.server_nccl_address,
+        nccl_port=r.server_nccl_port,
     )
-    if Path(model_path).is_dir():
-        engine.load_from_path(model_path, 0)
-    return engine
 
 
 def make_rollout_source(cfg: Config, model_path: str, tokenizer: Any) -> Any:

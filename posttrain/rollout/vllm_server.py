@@ -15,8 +15,18 @@ weights are written as `<weights_dir>/v<version>/model.safetensors`, then every 
 to `POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": <dir>}}` (a dev
 endpoint: the server runs with `VLLM_SERVER_DEV_MODE=1`) and `POST /reset_prefix_cache` (its KV
 cache was computed with the old weights). The latest file is kept so a restarted server can be
-re-pushed. On CUDA, vLLM's NCCL weight-transfer engine (`init_weight_transfer_engine` /
-`update_weights`) would replace the file: that path is `_push_nccl`, not implemented yet.
+re-pushed.
+
+Weight sync over NCCL (`weight_transfer="nccl"`, `rollout.server_weight_transfer: nccl`, CUDA
+trainer and servers started with `server_command(..., weight_transfer="nccl")`): no file; the
+first push opens an NCCL group with every server and each push broadcasts the weights from this
+process through vLLM's trainer-side NCCL engine (`posttrain.rollout.nccl_push`). UNTESTED ON GPU:
+written and unit-tested on a CPU-only machine; the rendezvous and the broadcast never ran. A
+server that lost its weights (restart) cannot be re-pushed in this mode (nothing is kept and its
+NCCL group is gone): the check raises and the run stops with a resumable checkpoint.
+
+Several training ranks: `posttrain.rollout.server_ranks.RankedServerEngine` wraps one
+`ServerEngine` per rank (each rank samples its block of prompts; rank 0 alone pushes weights).
 
 Versions: after every push the engine asks each server for `compute_weight_checksums` (a
 collective_rpc of vLLM's worker: a sha256 per parameter) and records their digest as the
@@ -47,6 +57,18 @@ import torch
 from posttrain.errors import RolloutError
 from posttrain.rollout.engine import Rollout, SamplingConfig, check_sampling
 
+WEIGHT_TRANSFERS = ("file", "nccl")
+# Routes a server only has with VLLM_SERVER_DEV_MODE=1 (weight reload, NCCL weight transfer).
+_DEV_ROUTES = (
+    "/collective_rpc",
+    "/reset_prefix_cache",
+    "/get_world_size",
+    "/init_weight_transfer_engine",
+    "/start_weight_update",
+    "/update_weights",
+    "/finish_weight_update",
+)
+
 
 class RolloutServerError(RolloutError):
     """A rollout server could not serve a request: names the URL and what happened."""
@@ -64,6 +86,7 @@ def server_command(
     port: int = 8000,
     host: str = "127.0.0.1",
     max_model_len: int | None = None,
+    weight_transfer: str = "file",
     extra: list[str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and extra environment of a rollout server (`posttrain rollout-server`).
@@ -72,6 +95,8 @@ def server_command(
         model: model directory or hub name (the trainer's starting weights).
         port, host: where the OpenAI-compatible API listens.
         max_model_len: prompt + completion token budget (None: the model's own).
+        weight_transfer: "file" (reload from a safetensors file) or "nccl" (also enables vLLM's
+            NCCL weight-transfer backend: `--weight-transfer-config '{"backend": "nccl"}'`).
         extra: further `vllm.entrypoints.openai.api_server` arguments, appended.
 
     Returns:
@@ -92,6 +117,10 @@ def server_command(
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     if max_model_len is not None:
         cmd += ["--max-model-len", str(max_model_len)]
+    if weight_transfer not in WEIGHT_TRANSFERS:
+        raise ValueError(f"weight_transfer={weight_transfer!r}: one of {WEIGHT_TRANSFERS}")
+    if weight_transfer == "nccl":
+        cmd += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
     return cmd + list(extra or []), env
 
 
@@ -149,6 +178,10 @@ class ServerEngine:
         verify_weights: check every server's weight fingerprint before each `generate`.
         max_concurrency: prompts in flight at once (over all servers).
         transport: an httpx transport (tests: `httpx.MockTransport`); None = the network.
+        weight_transfer: "file" (default) or "nccl" (CUDA; see the module docstring).
+        nccl_address, nccl_port: NCCL rendezvous of this process as the servers reach it
+            ("" = the local address routing to the first server; port of server 0, server i
+            uses port + i, 0 = free ports).
     """
 
     def __init__(
@@ -161,6 +194,9 @@ class ServerEngine:
         verify_weights: bool = True,
         max_concurrency: int = 64,
         transport: httpx.BaseTransport | None = None,
+        weight_transfer: str = "file",
+        nccl_address: str = "",
+        nccl_port: int = 0,
     ) -> None:
         self.urls = parse_urls(urls)
         if not self.urls:
@@ -174,8 +210,17 @@ class ServerEngine:
         self.weight_version = 0
         self.weights_path: Path | None = None  # the latest pushed file's directory
         self.models = {url: self._model_name(url) for url in self.urls}
-        self.fingerprints = {url: self.fingerprint(url) for url in self.urls}
+        # Only an engine that checks them needs the servers' start-up fingerprints.
+        self.fingerprints = {url: self.fingerprint(url) for url in self.urls if verify_weights}
         self.repushes = 0
+        if weight_transfer not in WEIGHT_TRANSFERS:
+            raise RolloutServerError(
+                f"rollout.server_weight_transfer={weight_transfer!r}: one of {WEIGHT_TRANSFERS}"
+            )
+        self.weight_transfer = weight_transfer
+        self.nccl_address = nccl_address
+        self.nccl_port = int(nccl_port)
+        self._nccl: Any = None  # nccl_push.NCCLServerPush, made on the first NCCL push
 
     # ------------------------------------------------------------------ http
     def _call(self, method: str, url: str, path: str, body: Any = None) -> Any:
@@ -192,7 +237,7 @@ class ServerEngine:
                 f"rollout server {url}: {method} {path} failed: {type(err).__name__}: {err} "
                 "(server down or restarting?)"
             ) from None
-        if resp.status_code == 404 and path in ("/collective_rpc", "/reset_prefix_cache"):
+        if resp.status_code == 404 and path in _DEV_ROUTES:
             raise RolloutServerError(
                 f"rollout server {url}: {path} not found: start the server with "
                 "VLLM_SERVER_DEV_MODE=1 (`posttrain rollout-server MODEL` does)"
@@ -220,12 +265,16 @@ class ServerEngine:
         return hashlib.sha256(json.dumps(out["results"], sort_keys=True).encode()).hexdigest()
 
     # ------------------------------------------------------------ generation
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, *, first_index: int = 0
+    ) -> list[Rollout]:
         """Sample `sampling.n` completions per prompt on the servers (round-robin by prompt).
 
         Args:
             prompt_ids: P prompts, each a list of token ids.
             sampling: n, temperature, top_p, max_new_tokens, seed (prompt i: seed + i * n).
+            first_index: global index of prompt 0 (a rank's block of a larger batch): prompt i
+                is prompt `first_index + i` for its seed, its server and `prompt_index`.
 
         Returns:
             P * n Rollouts, prompt-major, stamped with the version the servers hold.
@@ -238,14 +287,16 @@ class ServerEngine:
             self.check_versions()
         version = self.weight_version
         workers = max(1, min(self.max_concurrency, len(prompt_ids)))
+        indices = range(first_index, first_index + len(prompt_ids))
         with ThreadPoolExecutor(workers, thread_name_prefix="rollout-server") as pool:
             futures = [
-                pool.submit(self._request, i, ids, sampling) for i, ids in enumerate(prompt_ids)
+                pool.submit(self._request, i, ids, sampling)
+                for i, ids in zip(indices, prompt_ids, strict=True)
             ]
             choices = [f.result() for f in futures]
         rollouts = [
-            self._to_rollout(i, prompt_ids[i], choice, version)
-            for i, per_prompt in enumerate(choices)
+            self._to_rollout(i, prompt, choice, version)
+            for i, prompt, per_prompt in zip(indices, prompt_ids, choices, strict=True)
             for choice in per_prompt
         ]
         if self.tokenizer is not None:
@@ -303,18 +354,28 @@ class ServerEngine:
     def load_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> float:
-        """Write the weights as `<weights_dir>/v<version>/model.safetensors`, reload every server.
+        """Push the weights to every server: a file + reload, or NCCL (`weight_transfer`).
+
+        File: written as `<weights_dir>/v<version>/model.safetensors` (the previous version's
+        file is removed), then every server reloads it. NCCL: streamed from this process.
 
         Args:
-            named_tensors: (name, tensor) pairs in HF naming (the full state dict).
+            named_tensors: (name, tensor) pairs in HF naming (the full state dict), read once.
             version: the new weight_version stamped on later rollouts.
 
         Returns:
-            Seconds taken (write + reloads + fingerprints).
+            Seconds taken (write/transfer + reloads + fingerprints).
         """
         from safetensors.torch import save_file
 
         start = time.perf_counter()
+        if self.weight_transfer == "nccl":
+            self._push_nccl(named_tensors)
+            for url in self.urls:
+                self._call("POST", url, "/reset_prefix_cache")
+                self.fingerprints[url] = self.fingerprint(url)
+            self.weight_version = version
+            return time.perf_counter() - start
         target = self.weights_dir / f"v{version}"
         tmp = self.weights_dir / f".v{version}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -359,16 +420,22 @@ class ServerEngine:
         self.fingerprints[url] = self.fingerprint(url)
 
     def _push_nccl(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """CUDA hook: stream weights over NCCL (vLLM weight-transfer engine). Not implemented.
+        """Broadcast the weights into every server over NCCL (CUDA; untested on GPU).
 
-        The GPU path would call `/init_weight_transfer_engine` once, then per step
-        `/start_weight_update`, broadcast each bucket from the trainer's rank 0 into the
-        server's workers, and `/finish_weight_update`; versions and fingerprints stay as here.
+        The first call opens one NCCL group per server (`rollout.server_nccl_address/port`):
+        vLLM's `NCCLTrainerWeightTransferEngine` with this process as the sender.
         """
-        raise NotImplementedError(
-            "NCCL weight transfer to a rollout server is not implemented; weights go through "
-            "a safetensors file in rollout.server_weights_dir (must be readable by the server)"
-        )
+        from posttrain.rollout import nccl_push
+
+        if self._nccl is None:
+            self._nccl = nccl_push.NCCLServerPush(
+                self.urls,
+                self._call,
+                address=self.nccl_address,
+                port=self.nccl_port,
+                timeout_s=self.timeout_s,
+            )
+        self._nccl.push(named_tensors)
 
     def check_versions(self) -> None:
         """Make sure every server still holds `weight_version`; re-push a restarted one.
@@ -380,6 +447,11 @@ class ServerEngine:
         for url in self.urls:
             if self.fingerprint(url) == self.fingerprints[url]:
                 continue
+            if self.weight_transfer == "nccl":
+                raise RolloutServerError(
+                    f"rollout server {url}: its weights changed (restarted?) and NCCL weight "
+                    f"transfer keeps no copy of version {self.weight_version} to re-push"
+                )
             if self.weights_path is None or not self.weights_path.is_dir():
                 raise RolloutServerError(
                     f"rollout server {url}: its weights changed (restarted with other weights?) "
@@ -395,5 +467,7 @@ class ServerEngine:
             self.repushes += 1
 
     def close(self) -> None:
-        """Close the HTTP client (the servers keep running)."""
+        """Close the HTTP client and any NCCL groups (the servers keep running)."""
+        if self._nccl is not None:
+            self._nccl.shutdown()
         self.client.close()

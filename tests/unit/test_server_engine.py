@@ -26,6 +26,7 @@ class FakeServers:
         self.weights = {h: "start" for h in hosts}
         self.requests: list[tuple[str, str, dict[str, Any]]] = []
         self.fail: dict[str, int] = {}  # host -> HTTP status to answer
+        self.world_size = {h: 1 for h in hosts}  # inference workers per server (NCCL)
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         host, path = request.url.host, request.url.path
@@ -42,6 +43,12 @@ class FakeServers:
             return httpx.Response(200)
         if path == "/collective_rpc" and body["method"] == "compute_weight_checksums":
             return httpx.Response(200, json={"results": [{"w": self.weights[host]}]})
+        if path == "/get_world_size":
+            return httpx.Response(200, json={"world_size": self.world_size[host]})
+        if path in ("/start_weight_update", "/update_weights", "/finish_weight_update"):
+            if path == "/finish_weight_update":  # what an NCCL update would have loaded
+                self.weights[host] = f"nccl-{sum(p == path for _, p, _ in self.requests)}"
+            return httpx.Response(200, json={"message": "ok"})
         if path == "/v1/completions":
             n, prompt = body["n"], body["prompt"]
             choices = [
@@ -133,3 +140,36 @@ def test_server_command_turns_on_dev_mode_and_processed_logprobs():
     assert "--logprobs-mode processed_logprobs" in joined
     assert "--port 1234 --host 0.0.0.0" in joined and "--max-model-len 64" in joined
     assert cmd[-1] == "--x"
+
+
+def test_generate_first_index_shifts_seeds_servers_and_prompt_indices(tmp_path):
+    """A rank's block [2, 4) of a batch gets the seeds/servers/indices of the whole batch."""
+    servers = FakeServers(["a", "b"])
+    engine = _engine(tmp_path, servers)
+    rollouts = engine.generate([[3], [4]], SamplingConfig(n=2, seed=10), first_index=2)
+    calls = [(h, b["prompt"], b["seed"]) for h, p, b in servers.requests if p == "/v1/completions"]
+    assert calls == [("a", [3], 10 + 2 * 2), ("b", [4], 10 + 3 * 2)]
+    assert [r.prompt_index for r in rollouts] == [2, 2, 3, 3]
+    assert [r.prompt_ids for r in rollouts] == [[3], [3], [4], [4]]
+
+
+def test_server_command_enables_nccl_weight_transfer_only_when_asked():
+    cmd, _ = server_command("m", weight_transfer="nccl")
+    i = cmd.index("--weight-transfer-config")
+    assert json.loads(cmd[i + 1]) == {"backend": "nccl"}
+    assert "--weight-transfer-config" not in server_command("m")[0]
+    with pytest.raises(ValueError, match="weight_transfer='gloo'"):
+        server_command("m", weight_transfer="gloo")
+
+
+def test_nccl_mode_cannot_repush_a_restarted_server(tmp_path):
+    servers = FakeServers(["a"])
+    engine = ServerEngine(
+        "http://a:1",
+        weights_dir=tmp_path,
+        weight_transfer="nccl",
+        transport=httpx.MockTransport(servers.handler),
+    )
+    servers.weights["a"] = "other"
+    with pytest.raises(RolloutServerError, match="NCCL weight transfer keeps no copy"):
+        engine.generate([[1]], SamplingConfig(n=1))
