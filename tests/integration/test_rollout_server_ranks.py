@@ -145,6 +145,23 @@ def test_two_ranks_train_through_one_server(server, tiny_model_dir, tmp_path):
     engine.close()
 
 
+def test_two_ranks_async_rollouts_through_one_server(server, tiny_model_dir, tmp_path):
+    """ZeRO-2, `rollout.max_staleness=1`: generation (and its gather) runs in a background thread
+    while the ranks train; staleness is exactly 1 after the first step on both ranks' samples."""
+    url, _ = server
+    out = tmp_path / "run"
+    cmd = _train_cmd(
+        url, tiny_model_dir, out, "train.steps=3", "train.zero_stage=2", "rollout.max_staleness=1"
+    )
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["weight_version"] for r in rows] == [1.0, 2.0, 3.0]
+    assert [r["rollout/staleness/max"] for r in rows] == [0.0, 1.0, 1.0]
+    assert [r["rollout/staleness/mean"] for r in rows] == [0.0, 1.0, 1.0]
+    assert rows[0]["tis/mismatch_abs_mean"] < 1e-4
+
+
 def test_dead_server_stops_both_ranks_with_a_clear_error(server, tiny_model_dir, tmp_path):
     """Must stay last: kills the server mid-run; both ranks end (no hang) naming the server.
 
