@@ -247,11 +247,14 @@ class NCCLServerPush:
                 )
             )
 
-    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    def push(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None
+    ) -> int:
         """Send one full weight update to every server.
 
         Args:
             named_tensors: the full weights, (name, tensor) in HF naming, read once.
+            version: reported to the servers with the finish (their `GET /weight_info`).
 
         Returns:
             The number of chunks sent.
@@ -268,7 +271,7 @@ class NCCLServerPush:
                 engine.send_weights()
             chunks += 1
         for client in self.clients:
-            client.finish_weight_update()
+            client.finish_weight_update(None if version is None else str(version))
         return chunks
 
     def shutdown(self) -> None:

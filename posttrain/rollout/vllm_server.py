@@ -370,7 +370,7 @@ class ServerEngine:
 
         start = time.perf_counter()
         if self.weight_transfer == "nccl":
-            self._push_nccl(named_tensors)
+            self._push_nccl(named_tensors, version)
             for url in self.urls:
                 self._call("POST", url, "/reset_prefix_cache")
                 self.fingerprints[url] = self.fingerprint(url)
@@ -419,7 +419,7 @@ class ServerEngine:
         self._call("POST", url, "/reset_prefix_cache")
         self.fingerprints[url] = self.fingerprint(url)
 
-    def _push_nccl(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def _push_nccl(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Broadcast the weights into every server over NCCL (CUDA; untested on GPU).
 
         The first call opens one NCCL group per server (`rollout.server_nccl_address/port`):
@@ -435,7 +435,7 @@ class ServerEngine:
                 port=self.nccl_port,
                 timeout_s=self.timeout_s,
             )
-        self._nccl.push(named_tensors)
+        self._nccl.push(named_tensors, version)
 
     def check_versions(self) -> None:
         """Make sure every server still holds `weight_version`; re-push a restarted one.

@@ -146,6 +146,7 @@ def test_nccl_update_sequence_through_vllm_trainer_engine(model, tmp_path, monke
         calls = [(p, b) for h, p, b in servers.requests if h == host and "weight" in p]
         paths = [p for p, _ in calls]
         assert paths[0] == "/start_weight_update" and paths[-1] == "/finish_weight_update"
+        assert calls[-1][1] == {"weight_version": "7"}  # the server's /weight_info reports it
         updates = [b["update_info"] for p, b in calls if p == "/update_weights"]
         assert len(updates) == len(paths) - 2 > 3  # one per chunk, between start and finish
         names = [n for u in updates for n in u["names"]]
@@ -179,3 +180,31 @@ def test_nccl_transfer_needs_cuda():
         )
     with pytest.raises(ConfigError, match=r"rollout\.server_weight_transfer"):
         load_config(None, ["rollout.server_weight_transfer=ipc"])
+
+
+@pytest.mark.slow  # builds a DeepSpeed engine
+def test_sources_over_a_zero3_gathered_merged_lora_stream(tiny_model_dir):
+    """ZeRO-3 (one gloo process) + LoRA: the chunk sources carry the gathered, merged weights."""
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
+
+    from posttrain.checkpoint import full_state_dict
+    from posttrain.config import LoRAConfig
+    from posttrain.rollout.nccl_push import TensorListSource, chunked
+    from tests.integration.test_weight_sync import _randomise_adapters, _zero3_engine
+
+    model = load_policy(str(tiny_model_dir), lora=LoRAConfig(r=4, alpha=8.0))
+    _randomise_adapters(model)
+    expected = full_state_dict(model)  # merged, before DeepSpeed partitions anything
+    engine = _zero3_engine(model, offload=False)
+    assert all(p.numel() == 0 for p in engine.module.parameters())  # partitioned
+    got: dict[str, torch.Tensor] = {}
+    for chunk in chunked(stream_weights(engine, bucket_numel=50_000), 256 * 1024):
+        source = TensorListSource(chunk)
+        meta = source.metadata()
+        for (name, tensor), m in zip(
+            NCCLTrainerWeightTransferEngine._checked_iter(source, meta), meta, strict=True
+        ):
+            assert tuple(tensor.shape) == m.shape == tuple(expected[name].shape)
+            got[name] = tensor
+    assert set(got) == set(expected) and not any(".lora_" in n for n in got)
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
