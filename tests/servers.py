@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -53,3 +56,31 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, what: str = "vLLM 
         time.sleep(1)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
     pytest.fail(f"{what} not healthy after {STARTUP_S}s:\n{tail}")
+
+
+@contextlib.contextmanager
+def rollout_server(model_dir: Path, root: Path, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+    """Start `posttrain rollout-server`'s command on `model_dir` at a free 127.0.0.1 port.
+
+    Yields (url, process) once /health answers; the server is always stopped afterwards. Its
+    log is `root / "server.log"`; kwargs go to `vllm_server.server_command`.
+    """
+    from posttrain.rollout.vllm_server import server_command
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd, env = server_command(str(model_dir), port=port, max_model_len=256, **kwargs)
+    log = root / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["nice", "-n", "19", *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
+    try:
+        wait_healthy(proc, url, log, "rollout server")
+        yield url, proc
+    finally:
+        stop(proc)

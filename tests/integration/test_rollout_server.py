@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,8 +20,8 @@ import torch
 from posttrain import losses
 from posttrain.models import load_policy, load_tokenizer
 from posttrain.rollout.engine import Rollout, SamplingConfig
-from posttrain.rollout.vllm_server import RolloutServerError, ServerEngine, server_command
-from tests.servers import free_port, stop, wait_healthy
+from posttrain.rollout.vllm_server import RolloutServerError, ServerEngine
+from tests.servers import rollout_server, stop
 from tests.tiny_runs import tiny_cfg
 
 pytestmark = [
@@ -39,24 +37,8 @@ SAMPLING = SamplingConfig(n=3, temperature=TEMPERATURE, max_new_tokens=8, seed=1
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """(url, process) of a rollout server on the tiny model; always stopped afterwards."""
-    root = tmp_path_factory.mktemp("rollout-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd, env = server_command(str(tiny_model_dir), port=port, max_model_len=256)
-    log = root / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["nice", "-n", "19", *cmd],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-            start_new_session=True,
-        )
-    try:
-        wait_healthy(proc, url, log, "rollout server")
-        yield url, proc
-    finally:
-        stop(proc)
+    with rollout_server(tiny_model_dir, tmp_path_factory.mktemp("rollout-server")) as started:
+        yield started
 
 
 def _prompts(model_dir: Path) -> list[list[int]]:

@@ -20,8 +20,8 @@ import torch
 from posttrain import losses
 from posttrain.models import load_policy, load_tokenizer
 from posttrain.rollout.engine import Rollout, SamplingConfig
-from posttrain.rollout.vllm_server import ServerEngine, server_command
-from tests.servers import free_port, stop, wait_healthy
+from posttrain.rollout.vllm_server import ServerEngine
+from tests.servers import rollout_server
 from tests.tiny_runs import TINY_RUN, read_jsonl, torchrun
 
 pytestmark = [
@@ -37,24 +37,8 @@ TEMPERATURE = 0.8
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """(url, process) of a rollout server on the tiny model; always stopped afterwards."""
-    root = tmp_path_factory.mktemp("rollout-server-ranks")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd, env = server_command(str(tiny_model_dir), port=port, max_model_len=256)
-    log = root / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["nice", "-n", "19", *cmd],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-            start_new_session=True,
-        )
-    try:
-        wait_healthy(proc, url, log, "rollout server")
-        yield url, proc
-    finally:
-        stop(proc)
+    with rollout_server(tiny_model_dir, tmp_path_factory.mktemp("rollout-server-ranks")) as started:
+        yield started
 
 
 def _train_cmd(url: str, model: Path, out: Path, *extra: str) -> list[str]:
