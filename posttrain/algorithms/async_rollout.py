@@ -1,46 +1,67 @@
 """Asynchronous rollouts with bounded staleness (`rollout.max_staleness: k`, k >= 1).
 
-    make_batch(n):  groups(n) = the prefetched batch (or generated now), then start
-                    generating groups(n+1) in a background thread with the current weights
-    train step n    (overlaps the generation of step n+1)
-    after_step:     wait for the background generation, then push weights version n+1
+A single background thread generates the batches of the coming steps, in step order, while the
+trainer trains; the engine may run up to k batches ahead of the trainer:
 
-So the batch trained at step n+1 was sampled with weights version n: staleness 1. The
-prefetch is one batch deep (a deeper queue would let the engine run further ahead of the
-trainer, not bound it tighter), so the staleness is at most 1 <= k for every k >= 1; the bound
-is still checked on every batch: a batch whose rollouts are more than k versions behind the
-trainer (e.g. after a resume) is dropped and generated again, synchronously
-(`rollout/stale_regenerated`). Each step logs `rollout/staleness/mean` and `/max` (trainer
-version minus each sample's weight version).
+    engine holds weight version w      the batch of step m may be generated iff m <= w + k
+    collect_groups(step n):            take batch n from the queue (generate it if absent),
+                                       then queue every allowed batch not queued yet
+    train step n                       (overlaps the generation of the queued batches)
+    sync_weights(version n + 1):       push only when the window is used up (n + 1 >= w + k),
+                                       at the last step, or before an eval (`train.eval_every`)
+
+The batch of step m is trained at trainer version m, so its staleness m - w_m (w_m: the version
+it was sampled with) is at most k by construction. Pushes happen only when the queue needs a
+fresher version: one push every k steps (a push is a full weight stream, for a server a file
+write and reload), not after every step. Each push waits for every queued generation first, so
+pushes never overlap a generation, each rollout's `weight_version` is exact, and the staleness
+sequence is deterministic: 0 at the first step, then 1, 2, ..., k, 1, 2, ..., k, ... (k = 1:
+generate step n+1 while step n trains, push after every step). The bound is still checked on
+every batch: a batch sampled more than k versions behind the trainer is dropped together with
+everything queued behind it (their prompts come after it), the prompt stream is rewound to
+before it and it is generated again (`rollout/stale_regenerated`, `rollout/stale_dropped`).
+Each step logs `rollout/staleness/mean` and `/max` (trainer version minus each sample's weight
+version) and `rollout/queued` (batches generated or generating ahead of the trainer).
 
 The loss stays correct off-policy: GRPO/PPO recompute `logp_old` with the trainer's current
 weights (or take the detached current log-probs), so the clipped ratio is taken against the
 current policy, and `loss.tis_cap` reweights each token by min(exp(logp_old - logp_roll), cap):
 the truncated importance weight between the current policy and the stale sampler.
 
-Weight pushes never overlap a generation (the push waits for it), so a rollout's
-`weight_version` is exact. Checkpoints store the prompt position from before the prefetch, so
-a resumed run generates the prefetched batch again. Rewards that read the policy's own
-entropy (RENT's `token_entropy` column) and OPO (exactly on-policy) are not allowed: both need
-the weights of the step being trained.
+Checkpoints store the prompt position from before the oldest untrained queued batch, so a
+resumed run generates every batch that was prefetched but not trained again (and pushes its
+weights first: the engine of a new process does not hold the checkpoint's weights). Rewards
+that read the policy's own entropy (RENT's `token_entropy` column) and OPO (exactly on-policy)
+are not allowed: both need the weights of the step being trained.
 """
 
 from __future__ import annotations
 
 import copy
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from posttrain.errors import ConfigError
 
 
+class _Job:
+    """One queued batch: its step, the future of its generation, the stream state before it."""
+
+    def __init__(self, step: int, version: int) -> None:
+        self.step = step
+        self.version = version  # the engine's weight version when it was queued
+        self.future: Future | None = None
+        self.stream_before: dict[str, Any] | None = None  # set by the worker as it starts
+
+
 class AsyncRolloutSource:
-    """A `RolloutSource` whose next batch is generated while the current one trains.
+    """A `RolloutSource` whose engine generates up to k batches ahead of the trainer.
 
     Args:
         source: the synchronous `RolloutSource` (prompt stream, engine, rewards).
         max_staleness: k >= 1, the largest allowed trainer version minus sample version.
-        total_steps: `train.steps` (no batch is prefetched past the last step).
+        total_steps: `train.steps` (no batch is queued past the last step).
     """
 
     def __init__(self, source: Any, max_staleness: int, total_steps: int) -> None:
@@ -59,17 +80,84 @@ class AsyncRolloutSource:
         self.max_staleness = max_staleness
         self.total_steps = total_steps
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="rollout-prefetch")
-        self.pending: tuple[int, Future] | None = None  # (step, future of collect_groups)
-        self.stream_before: dict[str, Any] | None = None  # stream state before the prefetch
+        self.queue: deque[_Job] = deque()  # in step order
+        self.next_step: int | None = None  # the next batch to queue (None: not known yet)
+        self.trainer_version = int(source.weight_version)  # the last version sync_weights got
+        self.must_push = False  # after a resume: the engine does not hold the state's weights
 
     def __getattr__(self, name: str) -> Any:
-        """Everything else (engine, pad_id, evaluate, weight_version, ...) is the source's."""
+        """Everything else (engine, pad_id, weight_version, ...) is the source's."""
         if name == "source":
             raise AttributeError(name)
         return getattr(self.source, name)
 
+    # ------------------------------------------------------------------ queue
+    def _generate(self, job: _Job) -> tuple[list[list[Any]], dict]:
+        """Worker thread: remember the stream position, then generate the job's batch."""
+        job.stream_before = copy.deepcopy(self.source.stream.state_dict())
+        return self.source.collect_groups(job.step)
+
+    def _fill(self) -> None:
+        """Queue every batch the engine's weights may generate (step <= version + k)."""
+        if self.next_step is None:  # before the first collect_groups (or after a resume)
+            return
+        version = int(self.source.weight_version)
+        while self.next_step < self.total_steps and self.next_step <= version + self.max_staleness:
+            job = _Job(self.next_step, version)
+            job.future = self.pool.submit(self._generate, job)
+            self.queue.append(job)
+            self.next_step += 1
+
+    def _wait_all(self) -> None:
+        """Block until no generation runs (a failed one raises only where it is consumed).
+
+        Batches queued behind a failed one still run (and fail the same way): under torchrun
+        every rank then runs the same collectives of `RankedServerEngine`.
+        """
+        for job in self.queue:
+            assert job.future is not None
+            job.future.exception()
+
+    def _drop_all(self, restore: bool) -> int:
+        """Forget the queue; with `restore`, rewind the prompt stream to before its first batch.
+
+        Returns:
+            The number of batches dropped.
+        """
+        self._wait_all()
+        dropped = len(self.queue)
+        if restore and self.queue and self.queue[0].stream_before is not None:
+            self.source.stream.load_state_dict(self.queue[0].stream_before)
+        if self.queue:
+            self.next_step = self.queue[0].step
+        self.queue.clear()
+        return dropped
+
+    def _take(self, step: int) -> tuple[list[list[Any]], dict, dict[str, Any] | None]:
+        """Step `step`'s batch from the head of the queue (it leaves only once it succeeded).
+
+        Returns:
+            (groups, metrics, the stream state from before the batch).
+
+        Raises:
+            RuntimeError: the engine's weights are too old to generate `step` (more than k
+                versions behind: weights were not pushed through `sync_weights`).
+        """
+        if not self.queue or self.queue[0].step != step:
+            raise RuntimeError(
+                f"the rollout engine holds weight version {self.source.weight_version}, too old "
+                f"to generate step {step} with rollout.max_staleness={self.max_staleness}: "
+                "sync_weights must push first"
+            )
+        job = self.queue[0]
+        assert job.future is not None
+        groups, metrics = job.future.result()
+        self.queue.popleft()
+        return groups, metrics, job.stream_before
+
+    # -------------------------------------------------------------- interface
     def collect_groups(self, step: int, model: Any = None) -> tuple[list[list[Any]], dict]:
-        """This step's groups (prefetched if possible); then start prefetching step + 1.
+        """This step's groups (queued earlier if possible); then queue what the window allows.
 
         Args:
             step: the optimizer-step batch index.
@@ -77,66 +165,95 @@ class AsyncRolloutSource:
 
         Returns:
             (groups, metrics) as `RolloutSource.collect_groups`, plus `rollout/staleness/mean`,
-            `rollout/staleness/max` and `rollout/stale_regenerated`.
+            `rollout/staleness/max`, `rollout/stale_regenerated`, `rollout/stale_dropped` and
+            `rollout/queued`.
+
+        Raises:
+            RuntimeError: the engine's weights are too old to generate `step` at all.
         """
-        groups, metrics = None, {}
-        version = self.source.weight_version
-        regenerated = 0.0
-        if self.pending is not None and self.pending[0] == step:
-            groups, metrics = self.pending[1].result()
-            if _max_staleness(groups, version) > self.max_staleness:
-                groups, regenerated = None, 1.0  # too stale: the same prompts, sampled again
-        self._drop_pending(restore=groups is None)
-        if groups is None:
-            groups, metrics = self.source.collect_groups(step)
+        version = self.trainer_version
+        dropped = 0
+        if not self.queue or self.queue[0].step != step:  # first step, resume, out of order
+            self._drop_all(restore=True)
+            self.next_step = step
+        self._fill()
+        groups, metrics, before = self._take(step)
+        if _max_staleness(groups, version) > self.max_staleness:  # e.g. a version jump
+            dropped = 1 + self._drop_all(restore=False)  # the rest of the queue came after it
+            if before is not None:
+                self.source.stream.load_state_dict(before)  # the same prompts, sampled again
+            self.next_step = step
+            self._fill()
+            groups, metrics, _ = self._take(step)
         stale = [version - s.rollout.weight_version for g in groups for s in g]
         metrics["rollout/staleness/mean"] = sum(stale) / max(len(stale), 1)
         metrics["rollout/staleness/max"] = float(max(stale, default=0))
-        metrics["rollout/stale_regenerated"] = regenerated
-        if step + 1 < self.total_steps:
-            self.stream_before = copy.deepcopy(self.source.stream.state_dict())
-            future = self.pool.submit(self.source.collect_groups, step + 1)
-            self.pending = (step + 1, future)
+        metrics["rollout/stale_regenerated"] = float(dropped > 0)
+        metrics["rollout/stale_dropped"] = float(dropped)
+        self._fill()
+        metrics["rollout/queued"] = float(len(self.queue))
         return groups, metrics
 
-    def _drop_pending(self, restore: bool) -> None:
-        """Forget the prefetch; with `restore`, rewind the prompt stream to before it."""
-        if self.pending is not None:
-            _wait(self.pending[1])
-            if restore and self.stream_before is not None:
-                self.source.stream.load_state_dict(self.stream_before)
-        self.pending, self.stream_before = None, None
+    def _needs_push(self, version: int) -> bool:
+        """Push now: after a resume, when the window is used up, at the end, or before an eval."""
+        cfg = self.source.cfg
+        every = cfg.train.eval_every if cfg.eval.num_problems > 0 else 0
+        return (
+            self.must_push
+            or version >= int(self.source.weight_version) + self.max_staleness
+            or version >= self.total_steps
+            or bool(every and version % every == 0)
+        )
 
     def sync_weights(self, model: Any, version: int) -> dict[str, float]:
-        """Wait for the running generation (it keeps its version), then push the new weights."""
-        if self.pending is not None:
-            _wait(self.pending[1])
-        return self.source.sync_weights(model, version)
+        """Push the trainer's weights (version `version`) when the queue needs them.
+
+        A push first waits for every queued generation (they keep the version they started
+        with), then the window is refilled with the new weights.
+
+        Returns:
+            The push's metrics (`weight_version` = the engine's version, pushed or not) and
+            `rollout/pushed` (1.0 when this call pushed).
+        """
+        self.trainer_version = version
+        if not self._needs_push(version):
+            return {"weight_version": float(self.source.weight_version), "rollout/pushed": 0.0}
+        self._wait_all()
+        metrics = self.source.sync_weights(model, version)
+        self.must_push = False
+        self._fill()
+        return {**metrics, "rollout/pushed": 1.0}
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy; waits for a running generation first (one engine user at a time)."""
-        if self.pending is not None:
-            _wait(self.pending[1])
+        """Held-out accuracy; waits for queued generations first (one engine user at a time).
+
+        Raises:
+            RuntimeError: the engine does not hold the trainer's weights (never after
+                `sync_weights` at an eval step).
+        """
+        self._wait_all()
+        if int(self.source.weight_version) != self.trainer_version:
+            raise RuntimeError(
+                f"evaluation would use rollout weights version {self.source.weight_version}, "
+                f"not the trainer's {self.trainer_version}"
+            )
         return self.source.evaluate()
 
     def state_dict(self) -> dict[str, Any]:
-        """The source's state, with the prompt position from before a pending prefetch."""
-        if self.pending is not None:
-            _wait(self.pending[1])
+        """The source's state, with the prompt position from before the oldest queued batch."""
+        self._wait_all()
         state = self.source.state_dict()
-        if self.stream_before is not None:
-            state = {**state, "stream": self.stream_before}
+        if self.queue and self.queue[0].stream_before is not None:
+            state = {**state, "stream": self.queue[0].stream_before}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the source (a pending prefetch is dropped)."""
-        self._drop_pending(restore=False)
+        """Restore the source; the queue is dropped and the next `sync_weights` pushes."""
+        self._drop_all(restore=False)
+        self.next_step = None
         self.source.load_state_dict(state)
-
-
-def _wait(future: Future) -> None:
-    """Block until `future` is done; its exception (if any) surfaces when it is consumed."""
-    future.exception()
+        self.trainer_version = int(self.source.weight_version)
+        self.must_push = True
 
 
 def _max_staleness(groups: list[list[Any]], version: int) -> int:
