@@ -132,8 +132,9 @@ class RolloutConfig:
     server_weight_transfer: str = "file"
     server_nccl_address: str = ""
     server_nccl_port: int = 0
-    # 0: synchronous. k >= 1: step n+1 is generated while step n trains; rollouts sampled with
-    # weight version v are trained at trainer version <= v + k (docs/launch.md)
+    # 0: synchronous. k >= 1: the engine generates up to k batches ahead of the trainer (weights
+    # pushed once every k steps); rollouts sampled with weight version v are trained at trainer
+    # version <= v + k (docs/launch.md)
     max_staleness: int = 0
 
 
