@@ -119,10 +119,12 @@ def test_the_queue_fills_while_the_trainer_trains():
     fake = FakeSource()
     source = AsyncRolloutSource(fake, max_staleness=3, total_steps=10)
     source.collect_groups(0)
-    time.sleep(0.5)  # "training": the worker generates steps 1..3 meanwhile, then stops
+    # "Training": the worker generates steps 1..3 meanwhile, with no call from the trainer.
+    assert [(job.step, job.version) for job in source.queue] == [(1, 0), (2, 0), (3, 0)]
+    for job in source.queue:
+        job.future.result(timeout=30)
+    time.sleep(0.1)  # and it stops there: step 4 needs newer weights
     assert [c[0] for c in fake.calls] == [0, 1, 2, 3]
-    assert [job.step for job in source.queue] == [1, 2, 3]
-    assert all(job.future.done() for job in source.queue)
     assert source.sync_weights(None, 1) == {"weight_version": 0.0, "rollout/pushed": 0.0}
     groups, _ = source.collect_groups(1)
     assert groups[0][0].rollout.prompt_index == 1
