@@ -150,6 +150,35 @@ def latest(checkpoints: Path) -> Path | None:
     return max(done, key=lambda p: json.loads((p / STATE_FILE).read_text())["step"], default=None)
 
 
+def prune(checkpoints: Path, keep: int, prefix: str = "step-") -> list[Path]:
+    """Delete all but the newest `keep` complete periodic checkpoints (main rank only).
+
+    Only complete `<prefix>*` directories count and are deleted; `final`, `interrupted-*` and
+    `.tmp` leftovers are never touched. keep <= 0 keeps everything.
+
+    Returns:
+        The deleted directories, oldest first.
+    """
+    if keep <= 0 or not dist.is_main() or not checkpoints.is_dir():
+        return []
+    done = [
+        p
+        for p in checkpoints.iterdir()
+        if p.is_dir()
+        and p.name.startswith(prefix)
+        and not p.name.endswith(".tmp")
+        and (p / STATE_FILE).is_file()
+    ]
+    done.sort(key=lambda p: json.loads((p / STATE_FILE).read_text())["step"])
+    doomed = done[:-keep]
+    for path in doomed:
+        # rename first: a process killed mid-delete leaves a `.tmp` name, never a half checkpoint
+        trash = path.with_name(path.name + ".old.tmp")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
+
+
 def load(ckpt_dir: Path, engine: Any) -> dict[str, Any]:
     """Restore engine (model, optimizer, scheduler) and RNG; return the trainer state."""
     state_file = ckpt_dir / STATE_FILE

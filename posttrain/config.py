@@ -89,6 +89,9 @@ class DataConfig:
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
     preference_negatives: int = 1
+    # arithmetic preference pairs: "plausible" wrong answers (off by 1/2/10, sign/operator
+    # mistakes), "uniform" ones (any other value in the answers' range) or "mixed" (alternating)
+    wrong_answers: str = "plausible"
     train_size: int | None = 4000
     eval_source: str | None = None
     eval_size: int = 200
@@ -212,7 +215,10 @@ class TrainConfig:
     zero_stage: int = 0
     seed: int = 0
     output_dir: str = "runs/default"
-    save_every: int = 0
+    # periodic checkpoints (what a run resumes from after a crash; 0 = only the final one), of
+    # which the newest keep_checkpoints stay (0 = all); final / interrupted-* are never pruned
+    save_every: int = 500
+    keep_checkpoints: int = 2
     eval_every: int = 0
     resume: str | None = None
     sft_batch_size: int = 32
@@ -356,6 +362,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.wrong_answers": ("plausible", "uniform", "mixed"),
     "model.tiny_size": ("tiny", "bench"),
     "rollout.engine": ("vllm", "hf", "server"),
     "rollout.server_weight_transfer": ("file", "nccl"),

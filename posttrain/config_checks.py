@@ -60,6 +60,8 @@ def validate(cfg: Config) -> None:
     _check(t.updates_per_batch >= 1, "train.updates_per_batch must be >= 1")
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
     _check(t.dist_timeout_s > 0, "train.dist_timeout_s must be > 0 (seconds)")
+    _check(t.save_every >= 0, "train.save_every must be >= 0 (steps; 0 = only the final)")
+    _check(t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 = keep all)")
     _check(t.phase_timeout_s >= 0, "train.phase_timeout_s must be >= 0 (seconds; 0 = no limit)")
     _check(
         not t.offload_optimizer or t.zero_stage >= 1,

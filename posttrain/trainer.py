@@ -348,6 +348,7 @@ class Trainer:
         self.logger.log(self.step, metrics)
         if cfg.train.save_every and self.step % cfg.train.save_every == 0:
             self.save()
+            checkpoint.prune(self.out / "checkpoints", cfg.train.keep_checkpoints)
 
 
 def batch_tokens(batch: Any) -> float:

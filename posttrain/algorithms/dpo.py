@@ -66,9 +66,9 @@ def load_preference_data(
     train_rows, held_rows = load_train_eval_rows(cfg)
     held_rows = held_rows[: cfg.eval.num_problems]
     if d.source == "arithmetic":
-        train_rows = arithmetic_pairs(train_rows, d.seed, d.preference_negatives)
+        train_rows = arithmetic_pairs(train_rows, d.seed, d.preference_negatives, d.wrong_answers)
     if (d.eval_source or d.source) == "arithmetic":
-        held_rows = arithmetic_pairs(held_rows, d.seed, d.preference_negatives)
+        held_rows = arithmetic_pairs(held_rows, d.seed, d.preference_negatives, d.wrong_answers)
     cols = (d.prompt_column, d.chosen_column, d.rejected_column, margin)
     kw = {"max_length": max_length, "bad_rows": bad_rows, "section": section}
     train, dropped = build_pairs(
@@ -85,6 +85,42 @@ def load_preference_data(
             **kw,
         )
     return train, held, dropped
+
+
+def other_negative_sets(
+    cfg: Config, tokenizer: Any, section: str, max_length: int
+) -> dict[str, list[EncodedPair]]:
+    """Held-out arithmetic pairs with the other kind of wrong answer than `data.wrong_answers`.
+
+    A model trained on one kind is also scored on the other (e.g. trained on uniform wrong
+    answers, scored on the hard, plausible ones). Empty for non-arithmetic held-out data.
+
+    Returns:
+        {kind: held-out pairs} for the kind(s) not trained on.
+    """
+    from posttrain.algorithms import load_train_eval_rows
+
+    d = cfg.data
+    if (d.eval_source or d.source) != "arithmetic":
+        return {}
+    _, held_rows = load_train_eval_rows(cfg)
+    held_rows = held_rows[: cfg.eval.num_problems]
+    out = {}
+    for kind in ("plausible", "uniform"):
+        if kind == d.wrong_answers or not held_rows:
+            continue
+        rows = arithmetic_pairs(held_rows, d.seed, d.preference_negatives, kind)
+        out[kind], _ = build_pairs(
+            rows,
+            tokenizer,
+            columns=(d.prompt_column, d.chosen_column, d.rejected_column, None),
+            split=f"held-out ({kind} wrong answers)",
+            system_prompt=d.system_prompt,
+            max_length=max_length,
+            bad_rows="drop",
+            section=section,
+        )
+    return out
 
 
 def check_pairs_per_step(section: str, pairs_per_step: int) -> None:

@@ -19,7 +19,11 @@ import torch
 from posttrain import distributed as dist
 from posttrain import losses
 from posttrain.algorithms.base import StepBatch, chunk_indices, shard_for_rank
-from posttrain.algorithms.dpo import check_pairs_per_step, load_preference_data
+from posttrain.algorithms.dpo import (
+    check_pairs_per_step,
+    load_preference_data,
+    other_negative_sets,
+)
 from posttrain.config import Config
 from posttrain.data.preference import EncodedPair, pair_batch
 from posttrain.data.stream import RowStream
@@ -94,6 +98,8 @@ class RewardModel:
         train, held: encoded preference pairs.
         engine: the trained model (DeepSpeed engine), used by `evaluate`.
         dropped: bad train rows dropped while loading.
+        other_held: further held-out sets scored by `evaluate` ({name: pairs}, e.g. the other
+            kind of arithmetic wrong answer), logged as `eval/<name>/pair_accuracy`.
     """
 
     def __init__(
@@ -104,6 +110,7 @@ class RewardModel:
         held: list[EncodedPair],
         engine: Any,
         dropped: int = 0,
+        other_held: dict[str, list[EncodedPair]] | None = None,
     ) -> None:
         check_pairs_per_step("reward_model", cfg.reward_model.pairs_per_step)
         self.cfg = cfg
@@ -122,6 +129,7 @@ class RewardModel:
                 f"tokenizer's pad id {self.pad_id}; the score would be read at the wrong token"
             )
         self.train, self.held = train, held
+        self.other_held = other_held or {}
         self.engine = engine
         self.dropped = dropped
         self.use_margin = cfg.reward_model.margin_column is not None
@@ -169,24 +177,38 @@ class RewardModel:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """Held-out pair accuracy (r_w > r_l), mean margin and loss; every rank does all pairs."""
+        """Held-out pair accuracy (r_w > r_l), mean margin and loss; every rank does all pairs.
+
+        The main held-out set gives `eval/pair_accuracy`, `eval/margin`, `eval/loss`; each
+        `other_held` set `eval/<name>/pair_accuracy` and `eval/<name>/margin`.
+        """
         if not self.held:
             return {}
         was_training = self.engine.training
         self.engine.eval()
-        acc, margin, loss = 0.0, 0.0, 0.0
         try:
-            for idx in chunk_indices(len(self.held), self.cfg.train.micro_batch_size_per_device):
-                mb = pair_batch([self.held[i] for i in idx], self.pad_id)
-                out = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
-                pair_loss, pair_acc, rw, rl = self.pair_losses(out, mb)
-                acc += float(pair_acc.sum())
-                margin += float((rw - rl).sum())
-                loss += float(pair_loss.sum())
+            acc, margin, loss = self._score(self.held)
+            out = {"eval/pair_accuracy": acc, "eval/margin": margin, "eval/loss": loss}
+            for name, pairs in self.other_held.items():
+                acc, margin, _ = self._score(pairs)
+                out[f"eval/{name}/pair_accuracy"] = acc
+                out[f"eval/{name}/margin"] = margin
         finally:
             self.engine.train(was_training)
-        n = len(self.held)
-        return {"eval/pair_accuracy": acc / n, "eval/margin": margin / n, "eval/loss": loss / n}
+        return out
+
+    def _score(self, pairs: list[EncodedPair]) -> tuple[float, float, float]:
+        """(pair accuracy, mean margin, mean loss) of `pairs` under the current model."""
+        acc, margin, loss = 0.0, 0.0, 0.0
+        for idx in chunk_indices(len(pairs), self.cfg.train.micro_batch_size_per_device):
+            mb = pair_batch([pairs[i] for i in idx], self.pad_id)
+            out = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
+            pair_loss, pair_acc, rw, rl = self.pair_losses(out, mb)
+            acc += float(pair_acc.sum())
+            margin += float((rw - rl).sum())
+            loss += float(pair_loss.sum())
+        n = max(len(pairs), 1)
+        return acc / n, margin / n, loss / n
 
     def state_dict(self) -> dict[str, Any]:
         """Data position."""
@@ -203,4 +225,5 @@ def build_reward_model(cfg: Config, model_path: str, tokenizer: Any, engine: Any
     train, held, dropped = load_preference_data(
         cfg, tokenizer, "reward_model", r.max_length, r.bad_rows, r.margin_column
     )
-    return RewardModel(cfg, tokenizer, train, held, engine, dropped)
+    other = other_negative_sets(cfg, tokenizer, "reward_model", r.max_length)
+    return RewardModel(cfg, tokenizer, train, held, engine, dropped, other)

@@ -76,18 +76,31 @@ class EncodedPair:
 
 
 def arithmetic_pairs(
-    rows: Sequence[dict[str, Any]], seed: int, negatives: int = 1
+    rows: Sequence[dict[str, Any]], seed: int, negatives: int = 1, kind: str = "plausible"
 ) -> list[dict[str, Any]]:
-    """Synthetic preference rows: chosen = the correct answer, rejected = a plausible wrong one.
+    """Synthetic preference rows: chosen = the correct answer, rejected = a wrong one.
 
     Args:
         rows: arithmetic rows `{"prompt": "37+45", "answer": "82"}`.
         seed: the wrong answers of a row depend only on (seed, prompt), not on row order.
         negatives: distinct wrong answers per prompt (one pair each, adjacent).
+        kind: "plausible" (`arithmetic.wrong_answer`: off by 1/2/10, sign or operator
+            mistakes: hard negatives), "uniform" (any other integer in the range of the rows'
+            correct answers, each equally likely) or "mixed" (negatives alternate: plausible,
+            uniform, plausible, ...).
 
     Returns:
         Rows `{"prompt", "answer", "chosen", "rejected"}`.
+
+    Raises:
+        ValueError: unknown kind, or the rows' answers span fewer than `negatives` + 1 values.
     """
+    if kind not in ("plausible", "uniform", "mixed"):
+        raise ValueError(f"wrong-answer kind {kind!r}: use 'plausible', 'uniform' or 'mixed'")
+    answers = [int(row["answer"]) for row in rows]
+    lo, hi = (min(answers), max(answers)) if answers else (0, 0)
+    if kind != "plausible" and rows and hi - lo < negatives:
+        raise ValueError(f"uniform wrong answers: the answers span only {lo}..{hi}")
     out = []
     for row in rows:
         rng = random.Random(f"preference:{seed}:{row['prompt']}")
@@ -95,8 +108,11 @@ def arithmetic_pairs(
         for _ in range(50 * negatives):
             if len(wrong) == negatives:
                 break
-            w = wrong_answer(row, rng)
-            if w not in wrong:
+            if kind == "plausible" or (kind == "mixed" and len(wrong) % 2 == 0):
+                w = wrong_answer(row, rng)
+            else:
+                w = str(rng.randint(lo, hi))
+            if w not in wrong and w != str(row["answer"]):
                 wrong.append(w)
         out.extend({**row, "chosen": str(row["answer"]), "rejected": w} for w in wrong)
     return out

@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import posttrain.trainer as trainer_mod
 from posttrain.algorithms import model_loader
 from posttrain.config import load_config
+from posttrain.data.preference import pair_batch
 from posttrain.trainer import Trainer
 
 pytestmark = pytest.mark.slow
@@ -124,6 +126,18 @@ def test_rm_recipe_short_run_and_reward_model_reward(tmp_path, tiny_model_dir, m
     assert type(t.engine.module).__name__ == "Qwen2ForSequenceClassification"
     assert {"loss", "accuracy", "margin"} <= set(history[0])
     assert 0.0 <= t.eval_after["eval/pair_accuracy"] <= 1.0
+    # the recipe trains on mixed wrong answers; each pure kind is scored on its own as well
+    assert cfg.data.wrong_answers == "mixed"
+    model = t.engine.module
+    for kind in ("plausible", "uniform"):
+        pairs = t.algorithm.other_held[kind]
+        assert len(pairs) == cfg.eval.num_problems * cfg.data.preference_negatives
+        mb = pair_batch(pairs, t.tokenizer.pad_token_id)
+        with torch.no_grad():
+            r = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, 0]
+        m = len(pairs)
+        expected = float((r[:m] > r[m:]).float().mean())
+        assert t.eval_after[f"eval/{kind}/pair_accuracy"] == pytest.approx(expected, abs=1e-6)
     final = t.final_checkpoint
     reward = get_reward("reward_model")
     prompts = ["12+7", "3-5", "40+41"]

@@ -76,6 +76,32 @@ def test_arithmetic_pairs_prefer_the_correct_answer():
         assert all(g["rejected"] != g["chosen"] for g in group)
 
 
+def test_uniform_wrong_answers_cover_the_answer_range():
+    rows = make_split("train", 300, seed=1, max_operand=30, ops=["+"])
+    answers = [int(r["answer"]) for r in rows]
+    lo, hi = min(answers), max(answers)
+    pairs = arithmetic_pairs(rows, seed=7, negatives=6, kind="uniform")
+    assert len(pairs) == 6 * len(rows)
+    wrong = [int(p["rejected"]) for p in pairs]
+    assert all(lo <= w <= hi for w in wrong)
+    assert all(p["rejected"] != p["chosen"] == p["answer"] for p in pairs)
+    for i in range(len(rows)):
+        assert len({p["rejected"] for p in pairs[6 * i : 6 * i + 6]}) == 6
+    assert set(wrong) == set(range(lo, hi + 1))  # 1800 draws over ~60 values reach every one
+    # uniform negatives are far on average (E|w - c| ~ 20 here); plausible ones are close
+    dist = sum(abs(int(p["rejected"]) - int(p["chosen"])) for p in pairs) / len(pairs)
+    near = arithmetic_pairs(rows, seed=7, negatives=6)
+    close = sum(abs(int(p["rejected"]) - int(p["answer"])) <= 10 for p in near) / len(near)
+    assert dist > 12 and close > 0.6
+    assert arithmetic_pairs(rows[::-1], seed=7, negatives=6, kind="uniform")[:6] == pairs[-6:]
+    # mixed: negatives alternate plausible / uniform; the first is plausible's first
+    mixed = arithmetic_pairs(rows, seed=7, negatives=6, kind="mixed")
+    assert [m["rejected"] for m in mixed[::6]] == [p["rejected"] for p in near[::6]]
+    assert all(lo <= int(m["rejected"]) <= hi for m in mixed[1::6])
+    with pytest.raises(ValueError, match="'plausible', 'uniform' or 'mixed'"):
+        arithmetic_pairs(rows, seed=7, kind="random")
+
+
 def test_normalize_strings_messages_and_implicit_prompt():
     user = {"role": "user", "content": "hi"}
     rows = [
