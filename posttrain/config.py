@@ -371,7 +371,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.aggregation": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "kl.estimator": ("k1", "k2", "k3"),
     "optim.schedule": ("cosine", "linear", "constant"),
-    "train.algorithm": ("grpo", "sft", "dpo", "reward_model", "ppo", "rebel"),
+    "train.algorithm": ("grpo", "sft", "dpo", "reward_model", "ppo", "rebel", "online_dpo"),
     "dpo.loss": ("sigmoid", "robust", "ipo", "hinge", "simpo", "length_normalized"),
     "dpo.bad_rows": ("drop", "error"),
     "reward_model.bad_rows": ("drop", "error"),

@@ -259,6 +259,22 @@ def _validate_research_methods(cfg: Config) -> None:
                 "log-ratio differences onto reward differences (no advantages, clipping, KL or "
                 "entropy terms); remove the option or use train.algorithm=grpo",
             )
+    if t.algorithm == "online_dpo":
+        _check(r.samples_per_prompt >= 2, "rollout.samples_per_prompt must be >= 2 for online_dpo")
+        _check(
+            len(cfg.rewards) >= 1, "rewards: online_dpo labels its pairs with at least one reward"
+        )
+        unused = {
+            f"kl.coef={cfg.kl.coef}": cfg.kl.coef != 0,
+            f"advantage.estimator={cfg.advantage.estimator}": cfg.advantage.estimator != "grpo",
+        }
+        for option, is_set in unused.items():
+            _check(
+                not is_set,
+                f"train.algorithm=online_dpo cannot use {option}: it trains the DPO loss "
+                "(dpo.loss, dpo.beta, dpo.nll_coef) on the best/worst sample of each prompt; "
+                "remove the option",
+            )
     if cfg.advantage.estimator == "opo":
         _check(
             t.updates_per_batch == 1,

@@ -47,7 +47,7 @@ def check_rewards(cfg: Config, rows: list[dict]) -> None:
     col = cfg.data.prompt_column
     columns = {k: [row.get(k) for row in rows] for k in (rows[0] if rows else {}) if k != col}
     # The sampling algorithms compute the policy's token entropy for rewards that need it (RENT).
-    supplied = (TOKEN_ENTROPY,) if cfg.train.algorithm in ("grpo", "rebel") else ()
+    supplied = (TOKEN_ENTROPY,) if cfg.train.algorithm in ("grpo", "rebel", "online_dpo") else ()
     try:
         validate_rewards(cfg.rewards, columns, model_columns=supplied)
     except ValueError as err:
@@ -154,6 +154,12 @@ def _build_rebel(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> A
     return Rebel(cfg, make_rollout_source(cfg, model_path, tokenizer))
 
 
+def _build_online_dpo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Any:
+    from posttrain.algorithms.online_dpo import build_online_dpo
+
+    return build_online_dpo(cfg, model_path, tokenizer, engine)
+
+
 def _build_ppo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Any:
     from posttrain.algorithms.ppo import build_ppo
 
@@ -184,6 +190,7 @@ ALGORITHMS["dpo"] = _build_dpo
 ALGORITHMS["reward_model"] = _build_reward_model
 ALGORITHMS["ppo"] = _build_ppo
 ALGORITHMS["rebel"] = _build_rebel
+ALGORITHMS["online_dpo"] = _build_online_dpo
 
 
 def _load_reward_model(
