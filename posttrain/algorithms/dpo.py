@@ -360,6 +360,46 @@ class ReferenceLogps:
         return self.held
 
 
+def pair_losses(
+    logits: torch.Tensor, mb: dict[str, torch.Tensor], d: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair DPO-family loss [m] and metric tensors of one concatenated micro-batch.
+
+    Args:
+        logits: [2m, W, V] policy logits; rows 0..m-1 chosen, m..2m-1 rejected.
+        mb: `input_ids` [2m, W], `mask` [2m, W-1], `ref_logps` [2m] (absent for simpo).
+        d: the `dpo` config section (loss kind, beta, label_smoothing, simpo_gamma, nll_coef).
+
+    Returns:
+        (loss [m], metrics: the `losses.preference_loss` ones plus logps_chosen /
+        logps_rejected [m] and, with nll_coef, nll [m]).
+    """
+    mb = {k: v.to(logits.device) for k, v in mb.items() if isinstance(v, torch.Tensor)}
+    logp, seq = sequence_logps(logits, mb["input_ids"], mb["mask"])
+    m = seq.shape[0] // 2
+    n_tok = mb["mask"].sum(-1)
+    ref = mb.get("ref_logps")
+    loss, met = losses.preference_loss(
+        seq[:m],
+        seq[m:],
+        None if ref is None else ref[:m],
+        None if ref is None else ref[m:],
+        kind=d.loss,
+        beta=d.beta,
+        label_smoothing=d.label_smoothing,
+        gamma=d.simpo_gamma,
+        len_w=n_tok[:m],
+        len_l=n_tok[m:],
+    )
+    met["logps_chosen"] = seq[:m].detach()
+    met["logps_rejected"] = seq[m:].detach()
+    if d.nll_coef:
+        nll = losses.rpo_nll(logp[:m], mb["mask"][:m])
+        loss = loss + d.nll_coef * nll
+        met["nll"] = nll.detach()
+    return loss, met
+
+
 class DPO:
     """The DPO-family algorithm object the trainer drives.
 
@@ -416,30 +456,7 @@ class DPO:
         self, logits: torch.Tensor, mb: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair loss [m] and per-pair metric tensors of one micro-batch."""
-        d = self.cfg.dpo
-        logp, seq = sequence_logps(logits, mb["input_ids"], mb["mask"])
-        m = seq.shape[0] // 2
-        n_tok = mb["mask"].sum(-1)
-        ref = mb.get("ref_logps")
-        loss, met = losses.preference_loss(
-            seq[:m],
-            seq[m:],
-            None if ref is None else ref[:m],
-            None if ref is None else ref[m:],
-            kind=d.loss,
-            beta=d.beta,
-            label_smoothing=d.label_smoothing,
-            gamma=d.simpo_gamma,
-            len_w=n_tok[:m],
-            len_l=n_tok[m:],
-        )
-        met["logps_chosen"] = seq[:m].detach()
-        met["logps_rejected"] = seq[m:].detach()
-        if d.nll_coef:
-            nll = losses.rpo_nll(logp[:m], mb["mask"][:m])
-            loss = loss + d.nll_coef * nll
-            met["nll"] = nll.detach()
-        return loss, met
+        return pair_losses(logits, mb, self.cfg.dpo)
 
     def loss(
         self, outputs: Any, mb: dict[str, torch.Tensor]

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from posttrain import distributed as dist
-from posttrain import losses
 from posttrain.algorithms.base import StepBatch, chunk_indices, shard_for_rank
-from posttrain.algorithms.dpo import ReferenceLogps, sequence_logps
+from posttrain.algorithms.dpo import ReferenceLogps
+from posttrain.algorithms.dpo import pair_losses as dpo_pair_losses
 from posttrain.algorithms.rollout_batch import OnlineAlgorithm, RolloutSource, Sample
 from posttrain.config import Config, DPOConfig
 from posttrain.data.preference import EncodedPair, pair_batch
@@ -77,37 +77,8 @@ def sample_pair(chosen: Sample, rejected: Sample, index: int = 0) -> EncodedPair
 def online_pair_losses(
     logits: torch.Tensor, mb: dict[str, torch.Tensor], d: DPOConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair DPO-family loss [m] and metric tensors of one micro-batch (DPO's computation).
-
-    Args:
-        logits: [2m, W, V] policy logits; rows 0..m-1 chosen, m..2m-1 rejected.
-        mb: `input_ids` [2m, W], `mask` [2m, W-1], `ref_logps` [2m] (absent for simpo).
-        d: the `dpo` section.
-    """
-    logp, seq = sequence_logps(
-        logits, mb["input_ids"].to(logits.device), mb["mask"].to(logits.device)
-    )
-    m = seq.shape[0] // 2
-    n_tok = mb["mask"].sum(-1).to(seq.device)
-    ref = mb.get("ref_logps")
-    ref = None if ref is None else ref.to(seq.device)
-    loss, met = losses.preference_loss(
-        seq[:m],
-        seq[m:],
-        None if ref is None else ref[:m],
-        None if ref is None else ref[m:],
-        kind=d.loss,
-        beta=d.beta,
-        label_smoothing=d.label_smoothing,
-        gamma=d.simpo_gamma,
-        len_w=n_tok[:m],
-        len_l=n_tok[m:],
-    )
-    if d.nll_coef:
-        nll = losses.rpo_nll(logp[:m], mb["mask"][:m].to(logp.device))
-        loss = loss + d.nll_coef * nll
-        met["nll"] = nll.detach()
-    return loss, met
+    """Per-pair DPO-family loss [m] and metric tensors: exactly `dpo.pair_losses`."""
+    return dpo_pair_losses(logits, mb, d)
 
 
 class OnlineDPO(OnlineAlgorithm):

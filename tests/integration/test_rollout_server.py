@@ -17,11 +17,10 @@ import httpx
 import pytest
 import torch
 
-from posttrain import losses
 from posttrain.models import load_policy, load_tokenizer
-from posttrain.rollout.engine import Rollout, SamplingConfig
+from posttrain.rollout.engine import SamplingConfig
 from posttrain.rollout.vllm_server import RolloutServerError, ServerEngine
-from tests.servers import rollout_server, stop
+from tests.servers import max_logprob_error, rollout_server, stop
 from tests.tiny_runs import tiny_cfg
 
 pytestmark = [
@@ -44,18 +43,6 @@ def server(tiny_model_dir, tmp_path_factory):
 def _prompts(model_dir: Path) -> list[list[int]]:
     tok = load_tokenizer(str(model_dir))
     return [tok(t)["input_ids"] for t in ("What is 2 + 3?", "hello", "Count: 1 2 3")]
-
-
-@torch.no_grad()
-def _max_logprob_error(model: torch.nn.Module, rollouts: list[Rollout]) -> float:
-    """max |trainer logprob - server logprob| over every sampled token (float32, temperature)."""
-    worst = 0.0
-    for r in rollouts:
-        ids = torch.tensor([r.prompt_ids + r.completion_ids])
-        logits = model(input_ids=ids).logits[:, :-1]
-        logp = losses.token_logprobs(logits, ids[:, 1:], TEMPERATURE)[0, len(r.prompt_ids) - 1 :]
-        worst = max(worst, float((logp - torch.tensor(r.logprobs)).abs().max()))
-    return worst
 
 
 def _engine(url: str, model_dir: Path, weights_dir: Path) -> ServerEngine:
@@ -81,7 +68,7 @@ def test_generate_then_sync_matches_trainer_logprobs(server, tiny_model_dir, tmp
     for r in rollouts:
         assert r.weight_version == 0 and r.finish_reason in ("stop", "length")
         assert len(r.completion_ids) == len(r.logprobs) >= 1
-    assert _max_logprob_error(model, rollouts) < 1e-4
+    assert max_logprob_error(model, rollouts, TEMPERATURE) < 1e-4
     # The same seed gives the same samples.
     again = engine.generate(prompts, SAMPLING)
     assert [r.completion_ids for r in again] == [r.completion_ids for r in rollouts]
@@ -90,13 +77,15 @@ def test_generate_then_sync_matches_trainer_logprobs(server, tiny_model_dir, tmp
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    assert _max_logprob_error(model, rollouts) > 1e-2  # the server still has the old weights
+    assert (
+        max_logprob_error(model, rollouts, TEMPERATURE) > 1e-2
+    )  # the server still has the old weights
     seconds = engine.load_weights(model.state_dict().items(), 1)
     assert seconds > 0 and engine.weight_version == 1
     assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["v1"]
     synced = engine.generate(prompts, SAMPLING)
     assert all(r.weight_version == 1 for r in synced)
-    assert _max_logprob_error(model, synced) < 1e-4
+    assert max_logprob_error(model, synced, TEMPERATURE) < 1e-4
 
     # A server whose weights changed behind the engine's back (what a restart looks like: it
     # holds its start-up weights) is detected before generating and re-pushed.
@@ -107,7 +96,7 @@ def test_generate_then_sync_matches_trainer_logprobs(server, tiny_model_dir, tmp
     ).raise_for_status()
     repushed = engine.generate(prompts, SAMPLING)
     assert engine.repushes == 1
-    assert _max_logprob_error(model, repushed) < 1e-4
+    assert max_logprob_error(model, repushed, TEMPERATURE) < 1e-4
     engine.close()
 
 

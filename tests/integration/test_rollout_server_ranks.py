@@ -15,13 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from posttrain import losses
 from posttrain.models import load_policy, load_tokenizer
-from posttrain.rollout.engine import Rollout, SamplingConfig
+from posttrain.rollout.engine import SamplingConfig
 from posttrain.rollout.vllm_server import ServerEngine
-from tests.servers import rollout_server
+from tests.servers import max_logprob_error, rollout_server
 from tests.tiny_runs import TINY_RUN, read_jsonl, torchrun
 
 pytestmark = [
@@ -67,18 +65,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-@torch.no_grad()
-def _max_logprob_error(model: torch.nn.Module, rollouts: list[Rollout]) -> float:
-    """max |trainer logprob - server logprob| over every sampled token (float32, temperature)."""
-    worst = 0.0
-    for r in rollouts:
-        ids = torch.tensor([r.prompt_ids + r.completion_ids])
-        logits = model(input_ids=ids).logits[:, :-1]
-        logp = losses.token_logprobs(logits, ids[:, 1:], TEMPERATURE)[0, len(r.prompt_ids) - 1 :]
-        worst = max(worst, float((logp - torch.tensor(r.logprobs)).abs().max()))
-    return worst
-
-
 def test_two_ranks_train_through_one_server(server, tiny_model_dir, tmp_path):
     """ZeRO-3, 3 steps: versions advance on both ranks; the server ends with the final weights.
 
@@ -117,8 +103,10 @@ def test_two_ranks_train_through_one_server(server, tiny_model_dir, tmp_path):
     rollouts = engine.generate(prompts, sampling)
     final = load_policy(str(out / "checkpoints" / "final"), dtype="float32").eval()
     start_model = load_policy(str(tiny_model_dir), dtype="float32").eval()
-    assert _max_logprob_error(final, rollouts) < 1e-4
-    assert _max_logprob_error(start_model, rollouts) > 1e-3  # training did change the weights
+    assert max_logprob_error(final, rollouts, TEMPERATURE) < 1e-4
+    assert (
+        max_logprob_error(start_model, rollouts, TEMPERATURE) > 1e-3
+    )  # training did change the weights
 
     # The NCCL init info comes from the real server's /get_world_size (one CPU worker); the
     # NCCL rendezvous itself needs GPUs and is not run here.
