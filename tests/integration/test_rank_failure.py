@@ -117,6 +117,17 @@ class Run:
             raise AssertionError(f"still running {BOUND_S} s after the fault (a hang)") from None
         return rc, time.monotonic() - t0
 
+    def fault_rank1(self, sig: int) -> tuple[int, float, str]:
+        """Send `sig` to rank 1 after the first checkpoint: (torchrun's exit status, seconds
+        from the fault to its end, the run's output); every process is killed afterwards."""
+        try:
+            self.wait_for_checkpoint()
+            os.kill(self.pids[1], sig)
+            rc, seconds = self.wait()
+        finally:
+            self.cleanup()
+        return rc, seconds, self.output()
+
     def cleanup(self) -> None:
         for pid in [*self.pids.values(), self.proc.pid]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -146,13 +157,7 @@ def _assert_resumable(out: Path, model: Path, named: Path) -> None:
 
 def test_killed_rank_ends_the_run(tmp_path, tiny_model_dir):
     run = Run(tmp_path / "run", tiny_model_dir)
-    try:
-        run.wait_for_checkpoint()
-        os.kill(run.pids[1], signal.SIGKILL)
-        rc, seconds = run.wait()
-    finally:
-        run.cleanup()
-    text = run.output()
+    rc, seconds, text = run.fault_rank1(signal.SIGKILL)
     assert rc != 0, text[-3000:]
     assert seconds < BOUND_S
     assert f"Signal 9 (SIGKILL) received by PID {run.pids[1]}" in text, text[-3000:]  # torchrun
@@ -165,13 +170,7 @@ def test_killed_rank_ends_the_run(tmp_path, tiny_model_dir):
 def test_stopped_rank_ends_the_run_with_the_watchdog_and_resumes(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     run = Run(out, tiny_model_dir, "train.phase_timeout_s=10", "train.dist_timeout_s=600")
-    try:
-        run.wait_for_checkpoint()
-        os.kill(run.pids[1], signal.SIGSTOP)  # a stuck rank: alive, never answers
-        rc, seconds = run.wait()
-    finally:
-        run.cleanup()
-    text = run.output()
+    rc, seconds, text = run.fault_rank1(signal.SIGSTOP)  # a stuck rank: alive, never answers
     assert rc != 0 and seconds < BOUND_S, text[-3000:]
     lines = [x for x in text.splitlines() if "[posttrain] watchdog: rank 0 of 2 stuck" in x]
     assert len(lines) == 1, text[-3000:]
@@ -184,13 +183,7 @@ def test_stopped_rank_ends_the_run_with_the_watchdog_and_resumes(tmp_path, tiny_
 def test_stopped_rank_ends_the_run_with_the_collective_timeout(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     run = Run(out, tiny_model_dir, "train.phase_timeout_s=0", "train.dist_timeout_s=10")
-    try:
-        run.wait_for_checkpoint()
-        os.kill(run.pids[1], signal.SIGSTOP)
-        rc, seconds = run.wait()
-    finally:
-        run.cleanup()
-    text = run.output()
+    rc, seconds, text = run.fault_rank1(signal.SIGSTOP)  # a stuck rank: alive, never answers
     assert rc != 0 and seconds < BOUND_S, text[-3000:]
     lines = [x for x in text.splitlines() if "[posttrain] rank 0 of 2 failed in phase '" in x]
     assert len(lines) == 1, text[-3000:]
