@@ -48,79 +48,67 @@ _TOKENIZER_FILES = (
 
 
 def load_preference_data(
-    cfg: Config, tokenizer: Any, section: str, max_length: int, bad_rows: str, margin: str | None
-) -> tuple[list[EncodedPair], list[EncodedPair], int]:
+    cfg: Config,
+    tokenizer: Any,
+    section: str,
+    max_length: int,
+    bad_rows: str,
+    margin: str | None,
+    other_kinds: bool = False,
+) -> tuple[list[EncodedPair], list[EncodedPair], int, dict[str, list[EncodedPair]]]:
     """Train and held-out pairs for DPO / reward-model runs.
 
     `data.source: arithmetic` gives synthetic pairs (chosen = correct answer, rejected =
-    `arithmetic.wrong_answer`, `data.preference_negatives` per prompt); other sources need
-    prompt/chosen/rejected columns.
+    `data.wrong_answers` wrong answers, `data.preference_negatives` per prompt); other sources
+    need prompt/chosen/rejected columns.
+
+    Args:
+        other_kinds: also pair the arithmetic held-out rows with each kind of wrong answer that
+            is not `data.wrong_answers` (a model trained on one kind is scored on the others).
 
     Returns:
         (train pairs, held-out pairs (from the first `eval.num_problems` held-out rows),
-        dropped train rows).
+        dropped train rows, {kind: held-out pairs} of the other kinds (empty unless
+        `other_kinds` and the held-out data is arithmetic)).
     """
     from posttrain.algorithms import load_train_eval_rows
 
     d = cfg.data
-    train_rows, held_rows = load_train_eval_rows(cfg)
-    held_rows = held_rows[: cfg.eval.num_problems]
+    train_rows, held_source = load_train_eval_rows(cfg)
+    held_source = held_source[: cfg.eval.num_problems]
+    held_arithmetic = (d.eval_source or d.source) == "arithmetic"
+
+    def encode(rows: list[dict], split: str, **kw: Any) -> tuple[list[EncodedPair], int]:
+        if not rows:
+            return [], 0
+        return build_pairs(
+            rows, tokenizer, split=split, system_prompt=d.system_prompt, section=section, **kw
+        )
+
+    def pairs_of(rows: list[dict], kind: str) -> list[dict]:
+        return arithmetic_pairs(rows, d.seed, d.preference_negatives, kind)
+
     if d.source == "arithmetic":
-        train_rows = arithmetic_pairs(train_rows, d.seed, d.preference_negatives, d.wrong_answers)
-    if (d.eval_source or d.source) == "arithmetic":
-        held_rows = arithmetic_pairs(held_rows, d.seed, d.preference_negatives, d.wrong_answers)
+        train_rows = pairs_of(train_rows, d.wrong_answers)
+    held_rows = pairs_of(held_source, d.wrong_answers) if held_arithmetic else held_source
     cols = (d.prompt_column, d.chosen_column, d.rejected_column, margin)
-    kw = {"max_length": max_length, "bad_rows": bad_rows, "section": section}
+    kw = {"columns": cols, "max_length": max_length, "bad_rows": bad_rows}
     train, dropped = build_pairs(
-        train_rows, tokenizer, columns=cols, split="train", system_prompt=d.system_prompt, **kw
+        train_rows, tokenizer, split="train", system_prompt=d.system_prompt, section=section, **kw
     )
-    held: list[EncodedPair] = []
-    if held_rows:
-        held, _ = build_pairs(
-            held_rows,
-            tokenizer,
-            columns=cols,
-            split="held-out",
-            system_prompt=d.system_prompt,
-            **kw,
-        )
-    return train, held, dropped
-
-
-def other_negative_sets(
-    cfg: Config, tokenizer: Any, section: str, max_length: int
-) -> dict[str, list[EncodedPair]]:
-    """Held-out arithmetic pairs with the other kind of wrong answer than `data.wrong_answers`.
-
-    A model trained on one kind is also scored on the other (e.g. trained on uniform wrong
-    answers, scored on the hard, plausible ones). Empty for non-arithmetic held-out data.
-
-    Returns:
-        {kind: held-out pairs} for the kind(s) not trained on.
-    """
-    from posttrain.algorithms import load_train_eval_rows
-
-    d = cfg.data
-    if (d.eval_source or d.source) != "arithmetic":
-        return {}
-    _, held_rows = load_train_eval_rows(cfg)
-    held_rows = held_rows[: cfg.eval.num_problems]
-    out = {}
-    for kind in ("plausible", "uniform"):
-        if kind == d.wrong_answers or not held_rows:
-            continue
-        rows = arithmetic_pairs(held_rows, d.seed, d.preference_negatives, kind)
-        out[kind], _ = build_pairs(
-            rows,
-            tokenizer,
-            columns=(d.prompt_column, d.chosen_column, d.rejected_column, None),
-            split=f"held-out ({kind} wrong answers)",
-            system_prompt=d.system_prompt,
-            max_length=max_length,
-            bad_rows="drop",
-            section=section,
-        )
-    return out
+    held, _ = encode(held_rows, "held-out", **kw)
+    other: dict[str, list[EncodedPair]] = {}
+    if other_kinds and held_arithmetic:
+        for kind in ("plausible", "uniform"):
+            if kind != d.wrong_answers:
+                other[kind], _ = encode(
+                    pairs_of(held_source, kind),
+                    f"held-out ({kind} wrong answers)",
+                    columns=(*cols[:3], None),
+                    max_length=max_length,
+                    bad_rows="drop",
+                )
+    return train, held, dropped, other
 
 
 def check_pairs_per_step(section: str, pairs_per_step: int) -> None:
@@ -536,7 +524,7 @@ class DPO:
 def build_dpo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> DPO:
     """Load preference data and reference log-probs, and make the DPO object."""
     d = cfg.dpo
-    train, held, dropped = load_preference_data(
+    train, held, dropped, _ = load_preference_data(
         cfg, tokenizer, "dpo", d.max_length, d.bad_rows, None
     )
     ref = None

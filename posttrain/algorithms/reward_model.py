@@ -19,11 +19,7 @@ import torch
 from posttrain import distributed as dist
 from posttrain import losses
 from posttrain.algorithms.base import StepBatch, chunk_indices, shard_for_rank
-from posttrain.algorithms.dpo import (
-    check_pairs_per_step,
-    load_preference_data,
-    other_negative_sets,
-)
+from posttrain.algorithms.dpo import check_pairs_per_step, load_preference_data
 from posttrain.config import Config
 from posttrain.data.preference import EncodedPair, pair_batch
 from posttrain.data.stream import RowStream
@@ -222,8 +218,7 @@ class RewardModel:
 def build_reward_model(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> RewardModel:
     """Load preference data (with the optional margin column) and make the RM object."""
     r = cfg.reward_model
-    train, held, dropped = load_preference_data(
-        cfg, tokenizer, "reward_model", r.max_length, r.bad_rows, r.margin_column
+    train, held, dropped, other = load_preference_data(
+        cfg, tokenizer, "reward_model", r.max_length, r.bad_rows, r.margin_column, other_kinds=True
     )
-    other = other_negative_sets(cfg, tokenizer, "reward_model", r.max_length)
     return RewardModel(cfg, tokenizer, train, held, engine, dropped, other)

@@ -22,7 +22,7 @@ from typing import Any
 from posttrain.errors import ConfigError
 
 _GIB = 1 << 30
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
