@@ -34,7 +34,7 @@ import torch
 
 from posttrain.errors import RolloutError
 from posttrain.rollout.engine import Rollout, SamplingConfig
-from posttrain.rollout.sharded import shard_bounds
+from posttrain.rollout.sharded import RankEngine, shard_bounds
 from posttrain.rollout.vllm_server import RolloutServerError, ServerEngine
 
 T = TypeVar("T")
@@ -61,7 +61,7 @@ def _raise_any(statuses: list[Status]) -> None:
     raise RuntimeError(f"rollout server engine failed on a training rank:\n{message}")
 
 
-class RankedServerEngine:
+class RankedServerEngine(RankEngine):
     """`RolloutEngine` over vLLM servers shared by all training ranks (see module docstring).
 
     Args:
@@ -81,23 +81,10 @@ class RankedServerEngine:
         group: Any = None,
         verify_weights: bool = True,
     ) -> None:
-        self.engine = engine
-        self.rank = rank
-        self.world = world
+        super().__init__(engine, rank, world)
         self.group = group if group is not None else torch.distributed.new_group(backend="gloo")
         self.verify_weights = verify_weights
         engine.verify_weights = False
-
-    @property
-    def weight_version(self) -> int:
-        """The version every rank recorded after the last push (equal on all ranks)."""
-        return int(self.engine.weight_version)
-
-    def __getattr__(self, name: str) -> Any:
-        """Everything else (tokenizer, urls, fingerprints, ...) is the local engine's."""
-        if name == "engine":
-            raise AttributeError(name)
-        return getattr(self.engine, name)
 
     # ------------------------------------------------------------ collectives
     def _broadcast(self, obj: Any) -> Any:

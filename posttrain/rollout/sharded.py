@@ -37,7 +37,33 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-class ShardedEngine:
+class RankEngine:
+    """Base of the per-rank engine wrappers: anything a wrapper does not define is its rank's
+    own engine's (tokenizer, load_weights, urls, ...).
+
+    Args:
+        engine: this rank's own engine.
+        rank: this rank.
+        world: number of ranks.
+    """
+
+    def __init__(self, engine: Any, rank: int, world: int) -> None:
+        self.engine = engine
+        self.rank = rank
+        self.world = world
+
+    @property
+    def weight_version(self) -> int:
+        """The local engine's weight version (every rank records the same one)."""
+        return int(self.engine.weight_version)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+
+class ShardedEngine(RankEngine):
     """`RolloutEngine` that splits prompts over ranks and all-gathers the rollouts.
 
     Args:
@@ -54,21 +80,8 @@ class ShardedEngine:
         world: int,
         all_gather: Callable[[Any], list[Any]],
     ) -> None:
-        self.engine = engine
-        self.rank = rank
-        self.world = world
+        super().__init__(engine, rank, world)
         self.all_gather = all_gather
-
-    @property
-    def weight_version(self) -> int:
-        """The local engine's weight version (equal on all ranks: every rank syncs)."""
-        return int(self.engine.weight_version)
-
-    def __getattr__(self, name: str) -> Any:
-        """Everything else (tokenizer, sleep, wake_up, ...) is the local engine's."""
-        if name == "engine":
-            raise AttributeError(name)
-        return getattr(self.engine, name)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
         """Sample this rank's block of prompts, then gather every rank's rollouts.
