@@ -98,7 +98,6 @@ class VLLMEngine:
             sized from the model and `max_concurrent_seqs` (`memory.vllm_memory_fraction`).
         dtype: "auto" -> float32 on CPU, the checkpoint's dtype on CUDA; or an explicit dtype name.
         enforce_eager: None -> True on CPU, False (CUDA graphs) on CUDA.
-        enable_sleep_mode: CUDA only: start vLLM with sleep mode (implied by sleep_level > 0).
         sleep_level: CUDA only: 1 or 2 puts vLLM to sleep after every `generate` (weights
             offloaded (1) or dropped (2), KV cache dropped) and wakes it around the next
             weight load / generate (`memory.SleepCycle`); 0 (and on CPU) never sleeps.
@@ -118,7 +117,6 @@ class VLLMEngine:
         gpu_memory_utilization: float | str = 0.5,
         dtype: str = "auto",
         enforce_eager: bool | None = None,
-        enable_sleep_mode: bool = False,
         sleep_level: int = 0,
         max_concurrent_seqs: int = 256,
         lora_rank: int = 0,
@@ -135,7 +133,7 @@ class VLLMEngine:
             "max_model_len": max_model_len,
             "seed": seed,
             "logprobs_mode": "processed_logprobs",
-            "enable_sleep_mode": (enable_sleep_mode or sleep_level > 0) and self.on_cuda,
+            "enable_sleep_mode": sleep_level > 0 and self.on_cuda,
         }
         if self.on_cuda:
             kwargs["dtype"] = dtype
