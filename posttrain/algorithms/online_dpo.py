@@ -30,7 +30,7 @@ from posttrain.algorithms.base import StepBatch, chunk_indices, shard_for_rank
 from posttrain.algorithms.dpo import ReferenceLogps
 from posttrain.algorithms.dpo import pair_losses as dpo_pair_losses
 from posttrain.algorithms.rollout_batch import OnlineAlgorithm, RolloutSource, Sample
-from posttrain.config import Config, DPOConfig
+from posttrain.config import Config
 from posttrain.data.preference import EncodedPair, pair_batch
 
 
@@ -72,13 +72,6 @@ def sample_pair(chosen: Sample, rejected: Sample, index: int = 0) -> EncodedPair
 
     (w_ids, w_mask), (l_ids, l_mask) = encode(chosen), encode(rejected)
     return EncodedPair(index, w_ids, w_mask, l_ids, l_mask)
-
-
-def online_pair_losses(
-    logits: torch.Tensor, mb: dict[str, torch.Tensor], d: DPOConfig
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair DPO-family loss [m] and metric tensors: exactly `dpo.pair_losses`."""
-    return dpo_pair_losses(logits, mb, d)
 
 
 class OnlineDPO(OnlineAlgorithm):
@@ -133,7 +126,7 @@ class OnlineDPO(OnlineAlgorithm):
         self, outputs: Any, mb: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Sum of this micro-batch's pair losses / pairs of the whole step, and metric shares."""
-        loss, met = online_pair_losses(outputs.logits, mb, self.cfg.dpo)
+        loss, met = dpo_pair_losses(outputs.logits, mb, self.cfg.dpo)
         w = mb["pair_weight"].to(loss.device)
         n = self.total_pairs
 
