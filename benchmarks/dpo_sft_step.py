@@ -102,7 +102,7 @@ def phase_step(trainer: Any) -> dict[str, float]:
         a = time.perf_counter()
         outputs = trainer.engine(**model_inputs(mb))
         b = time.perf_counter()
-        loss, _ = trainer.algorithm.loss(outputs, mb)
+        loss, _ = trainer.algorithm.loss(outputs, mb, batch)
         c = time.perf_counter()
         trainer.engine.backward(loss, scale_wrt_gas=False)
         d = time.perf_counter()

@@ -27,7 +27,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from posttrain.evalcmd import format_table, run_eval, split_args
+    from posttrain.eval.command import format_table, run_eval, split_args
 
     recipe, overrides = split_args(args.args)
     report = run_eval(args.model, recipe, overrides, args.out)

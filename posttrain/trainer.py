@@ -3,13 +3,14 @@
     batch = algorithm.make_batch(step)           # rollouts, rewards, advantages... or SFT rows
     for update in batch.updates:
         for micro_batch in batch.micro_batches:
-            loss_share = algorithm.loss(engine(micro_batch), micro_batch)
+            loss_share = algorithm.loss(engine(micro_batch), micro_batch, batch)
             engine.backward(loss_share * world_size)   # DeepSpeed averages over ranks
         engine.step()                            # clip, AdamW, schedule
     algorithm.after_step()                       # e.g. push weights into vLLM
 
-Loss shares are divided by global (whole-step, all-rank) denominators inside the algorithm, so
-micro-batch 1 x 8 and 8 x 1 and 2 ranks x 4 give the same gradient.
+Loss shares are divided by the batch's global (whole-step, all-rank) denominators, so micro-batch
+1 x 8 and 8 x 1 and 2 ranks x 4 give the same gradient. What the loop knows of an algorithm is its
+registry entry (`algorithms.AlgorithmSpec`) and the `Algorithm` protocol (algorithms/base.py).
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ from typing import Any
 
 import torch
 
-from posttrain import checkpoint, dsconfig, report
-from posttrain import distributed as dist
-from posttrain.algorithms import build_algorithm, model_loader
-from posttrain.algorithms.base import model_inputs
-from posttrain.config import AdvantageConfig, Config, KLConfig, PPOConfig, replace, to_dict
+from posttrain.algorithms import algorithm_spec, build_algorithm
+from posttrain.algorithms.base import StepBatch, model_inputs
+from posttrain.config import Config, to_dict, warmup_config
 from posttrain.errors import ConfigError, RolloutError
-from posttrain.logging import RunLogger, progress
+from posttrain.eval.evaluate import eval_settings
+from posttrain.eval.report import RunResult, finish
 from posttrain.models import load_tokenizer, make_tiny
-from posttrain.watchdog import Watchdog
+from posttrain.runtime import checkpoint, dsconfig
+from posttrain.runtime import distributed as dist
+from posttrain.runtime.logging import RunLogger, progress
+from posttrain.runtime.watchdog import Watchdog
 
 
 def lr_multiplier(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -123,45 +126,27 @@ class Trainer:
         out = self.out / "sft-warmup"
         final = out / "checkpoints" / "final"
         if not (final / checkpoint.STATE_FILE).is_file():
-            sub = replace(
-                cfg,
-                model={"path": model_path},
-                train={
-                    "algorithm": "sft",
-                    "steps": w.steps,
-                    "output_dir": str(out),
-                    "save_every": 0,
-                    "eval_every": 0,
-                    "resume": None,
-                    "sft_batch_size": w.batch_size,
-                },
-                optim={"lr": w.lr, "warmup_steps": w.warmup_steps},
-                warmup={"steps": 0},
-                # the RL algorithm's own sections do not apply to the SFT warm-up
-                advantage=to_dict(AdvantageConfig()),
-                kl=to_dict(KLConfig()),
-                ppo=to_dict(PPOConfig()),
-                eval={"num_problems": 0},
-            )
-            Trainer(sub).train()
+            Trainer(warmup_config(cfg, model_path, str(out))).train()
         return str(final)
 
     def _build_engine(self) -> Any:
         cfg = self.cfg
+        spec = algorithm_spec(cfg.train.algorithm)
         # a causal LM, or what the algorithm trains instead (RM: scalar head; PPO: ActorCritic)
-        model = model_loader(cfg.train.algorithm, cfg)(
+        model = spec.load_model(
             self.model_path,
             dtype=cfg.model.dtype,
             gradient_checkpointing=cfg.model.gradient_checkpointing,
             lora=cfg.model.lora,
+            cfg=cfg,
         )
         o = cfg.optim
-        if hasattr(model, "optimizer_groups"):  # e.g. PPO: policy and critic param groups
-            params = model.optimizer_groups(o.lr)
-        else:
-            params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+            spec.param_groups(model, o.lr),
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
         )
 
         def factor(step: int) -> float:
@@ -216,8 +201,7 @@ class Trainer:
 
     def _train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        generates = hasattr(self.algorithm, "source")  # online algorithms roll out
-        with self.watchdog.phase("generate" if generates else "batch"):
+        with self.watchdog.phase("generate" if self.algorithm.rolls_out else "batch"):
             batch = self.algorithm.make_batch(self.step, self.engine)
         t_batch = time.perf_counter()
         world = dist.world_size()
@@ -227,7 +211,7 @@ class Trainer:
             with self.watchdog.phase("train"):
                 for mb in batch.micro_batches:
                     outputs = self.engine(**model_inputs(mb))
-                    loss, shares = self.algorithm.loss(outputs, mb)
+                    loss, shares = self.algorithm.loss(outputs, mb, batch)
                     self.engine.backward(loss * world, scale_wrt_gas=False)
                     shares = {"loss": float(loss.detach()), **shares}
                     for k, v in shares.items():
@@ -285,7 +269,7 @@ class Trainer:
             run_name=cfg.log.run_name,
             config=to_dict(cfg),
         )
-        run_eval = cfg.eval.num_problems > 0 and hasattr(self.algorithm, "evaluate")
+        run_eval = cfg.eval.num_problems > 0 and self.algorithm.evaluates
         if run_eval and self.step == 0:
             with self.watchdog.phase("eval"):
                 self.eval_before = self.algorithm.evaluate(0)
@@ -316,8 +300,20 @@ class Trainer:
                 bar.close()
             self.logger.close()
         if dist.is_main():
-            report.finish(self, run_eval)
+            finish(self.result(run_eval))
         return self.history
+
+    def result(self, evaluated: bool) -> RunResult:
+        """What the run reports at its end (eval.json, the printed table, the PNG)."""
+        return RunResult(
+            algorithm=self.cfg.train.algorithm,
+            steps=self.step,
+            output_dir=self.out,
+            eval_before=self.eval_before,
+            eval_after=self.eval_after,
+            eval_settings=eval_settings(self.cfg, self.tokenizer) if evaluated else None,
+            final_checkpoint=self.final_checkpoint,
+        )
 
     def _interrupted(self, err: RolloutError) -> RolloutError:
         """Save a resumable checkpoint after a rollout failure; the error to end the run with."""
@@ -351,7 +347,7 @@ class Trainer:
             checkpoint.prune(self.out / "checkpoints", cfg.train.keep_checkpoints)
 
 
-def batch_tokens(batch: Any) -> float:
+def batch_tokens(batch: StepBatch) -> float:
     """Non-pad tokens in a batch (all ranks), for tokens/s."""
     local = sum(float(mb["attention_mask"].sum()) for mb in batch.micro_batches)
     return dist.all_reduce_sum(local)

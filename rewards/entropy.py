@@ -4,7 +4,7 @@ RENT (Prabhudesai et al. 2025, "Maximizing Confidence Alone Improves Reasoning")
 completion is its negative mean token entropy under the policy that sampled it,
 R_i = -mean_t H_{i,t}. The entropy is not computable from text, so the sampling algorithms
 (`grpo`, `rebel`) run the trainer's model over each completion and pass the per-sample mean as
-the `token_entropy` column (see `posttrain.algorithms.rollout_batch.completion_entropy`).
+the `token_entropy` column (see `posttrain.rollout.source.completion_entropy`).
 """
 
 from __future__ import annotations

@@ -18,21 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.errors import ConfigError
-from rewards.boundary import RewardResult, reward_metrics, score
 
 __all__ = [
     "MODEL_COLUMNS",
     "TOKEN_ENTROPY",
     "RewardConfigError",
-    "RewardResult",
     "RewardSpec",
     "available",
     "check_columns",
     "get_reward",
     "register",
     "required_columns",
-    "reward_metrics",
-    "score",
 ]
 
 RewardFn = Callable[..., Any]

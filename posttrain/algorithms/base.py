@@ -12,7 +12,7 @@ over micro-batches and ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -21,35 +21,57 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 @dataclass
 class StepBatch:
-    """One optimizer step's data on this rank.
+    """One optimizer step's data on this rank, and the step's global denominators.
 
     Attributes:
         micro_batches: dicts of tensors; `input_ids`/`attention_mask` [b, L] go to the model,
             the rest is for `Algorithm.loss`.
         metrics: step metrics computed while making the batch (already global).
         updates: optimizer steps taken over these micro-batches (logp_old fixed for all).
+        denominator: the step's global (all-rank) loss denominator: loss tokens, sequences or
+            pairs, as the algorithm aggregates. `loss` divides by it.
+        token_total: the step's global count of loss tokens (per-token metric shares).
+        step_state: anything else the step's loss reads (e.g. PPO's `critic_only`).
     """
 
     micro_batches: list[dict[str, torch.Tensor]]
     metrics: dict[str, float] = field(default_factory=dict)
     updates: int = 1
+    denominator: float = 1.0
+    token_total: float = 1.0
+    step_state: dict[str, Any] = field(default_factory=dict)
 
 
+@runtime_checkable
 class Algorithm(Protocol):
-    """What the trainer calls. Implementations live one per file in this folder."""
+    """What the trainer calls. Implementations live one per file in this folder.
+
+    Attributes:
+        rolls_out: `make_batch` samples from a rollout engine (the loop names the phase
+            "generate" and the engine gets the weights in `after_step`).
+        evaluates: `evaluate` reports held-out metrics (run before and after training when
+            `eval.num_problems > 0`, and every `train.eval_every` steps).
+    """
+
+    rolls_out: bool
+    evaluates: bool
 
     def make_batch(self, step: int, model: torch.nn.Module) -> StepBatch:
         """Build step `step`'s micro-batches (may run the model without grad)."""
         ...
 
     def loss(
-        self, outputs: Any, micro_batch: dict[str, torch.Tensor]
+        self, outputs: Any, micro_batch: dict[str, torch.Tensor], batch: StepBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return (loss share, metric shares) for one micro-batch."""
+        """Return (loss share, metric shares) for one micro-batch of `batch`."""
         ...
 
     def after_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """Called after the optimizer steps of a batch (e.g. weight sync); returns metrics."""
+        ...
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out metrics with the current weights ({} when `evaluates` is False)."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -64,29 +86,6 @@ class Algorithm(Protocol):
 def model_inputs(micro_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The subset of a micro-batch that the model's forward takes."""
     return {k: micro_batch[k] for k in MODEL_INPUT_KEYS if k in micro_batch}
-
-
-def pad_right(seqs: list[list[int]], pad: int | float, dtype: torch.dtype) -> torch.Tensor:
-    """Stack variable-length lists into [N, max_len], padding on the right."""
-    width = max((len(s) for s in seqs), default=0)
-    out = torch.full((len(seqs), max(width, 1)), pad, dtype=dtype)
-    for i, s in enumerate(seqs):
-        if s:
-            out[i, : len(s)] = torch.tensor(s, dtype=dtype)
-    return out
-
-
-def chunk_indices(n: int, size: int) -> list[list[int]]:
-    """Split range(n) into consecutive chunks of at most `size`."""
-    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-
-
-def shard_for_rank(n: int, rank: int, world: int) -> list[int]:
-    """Contiguous indices of `n` samples owned by `rank` (n must divide evenly)."""
-    if n % world:
-        raise ValueError(f"{n} samples cannot be split evenly over {world} ranks")
-    per = n // world
-    return list(range(rank * per, (rank + 1) * per))
 
 
 def trim_micro_batch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

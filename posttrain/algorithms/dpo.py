@@ -21,13 +21,15 @@ from typing import Any
 
 import torch
 
-from posttrain import distributed as dist
 from posttrain import losses
-from posttrain.algorithms.base import StepBatch, chunk_indices, shard_for_rank
+from posttrain.algorithms.base import StepBatch
 from posttrain.config import Config
 from posttrain.data.preference import EncodedPair, arithmetic_pairs, build_pairs, pair_batch
+from posttrain.data.splits import load_train_eval_rows
 from posttrain.data.stream import RowStream
+from posttrain.data.tensors import chunk_indices, shard_for_rank
 from posttrain.errors import ConfigError
+from posttrain.runtime import distributed as dist
 
 logger = logging.getLogger("posttrain")
 
@@ -71,8 +73,6 @@ def load_preference_data(
         dropped train rows, {kind: held-out pairs} of the other kinds (empty unless
         `other_kinds` and the held-out data is arithmetic)).
     """
-    from posttrain.algorithms import load_train_eval_rows
-
     d = cfg.data
     train_rows, held_source = load_train_eval_rows(cfg)
     held_source = held_source[: cfg.eval.num_problems]
@@ -400,6 +400,9 @@ class DPO:
         dropped: bad train rows dropped while loading (logged every step).
     """
 
+    rolls_out = False
+    evaluates = True
+
     def __init__(
         self,
         cfg: Config,
@@ -418,7 +421,6 @@ class DPO:
         self.ref = ref
         self.dropped = dropped
         self.stream = RowStream(list(range(len(train))), seed=cfg.data.seed)
-        self.total_pairs = float(cfg.dpo.pairs_per_step)
 
     # --------------------------------------------------------------- batch
     def make_batch(self, step: int, model: torch.nn.Module) -> StepBatch:
@@ -437,7 +439,7 @@ class DPO:
             micro.append(mb)
         metrics = {"data/dropped_pairs": float(self.dropped)}
         metrics["time/ref_logprob_s"] = time.perf_counter() - t0
-        return StepBatch(micro, metrics)
+        return StepBatch(micro, metrics, denominator=float(cfg.dpo.pairs_per_step))
 
     # ---------------------------------------------------------------- loss
     def pair_losses(
@@ -447,11 +449,11 @@ class DPO:
         return pair_losses(logits, mb, self.cfg.dpo)
 
     def loss(
-        self, outputs: Any, mb: dict[str, torch.Tensor]
+        self, outputs: Any, mb: dict[str, torch.Tensor], batch: StepBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Share of the step's mean pair loss, and metric shares."""
         loss, met = self.pair_losses(outputs.logits, mb)
-        n = self.total_pairs
+        n = batch.denominator
         shares = {
             "rewards/chosen": float(met["rewards_chosen"].sum()) / n,
             "rewards/rejected": float(met["rewards_rejected"].sum()) / n,

@@ -14,19 +14,22 @@ from typing import Any
 import torch
 
 from posttrain import advantages as adv_fn
-from posttrain import distributed as dist
 from posttrain import losses
-from posttrain.algorithms.base import StepBatch, chunk_indices, pad_right, shard_for_rank
+from posttrain.algorithms.base import StepBatch
 from posttrain.algorithms.base import trim_micro_batch as _trim
-from posttrain.algorithms.rollout_batch import (
+from posttrain.algorithms.online import (
     OnlineAlgorithm,
-    RolloutSource,
     by_length,
     check_on_policy,
-    policy_token_stats,
+    frozen_reference,
     sequences_to_tensors,
 )
 from posttrain.config import Config
+from posttrain.data.tensors import chunk_indices, pad_right, shard_for_rank
+from posttrain.models.forward import policy_token_stats
+from posttrain.rollout.factory import make_rollout_source
+from posttrain.rollout.source import RolloutSource
+from posttrain.runtime import distributed as dist
 
 
 class GRPO(OnlineAlgorithm):
@@ -40,8 +43,6 @@ class GRPO(OnlineAlgorithm):
 
     def __init__(self, cfg: Config, source: RolloutSource, ref_model: Any | None) -> None:
         super().__init__(cfg, source, ref_model)
-        self.denominator = 1.0
-        self.token_total = 1.0
         self.recompute_old = cfg.train.updates_per_batch > 1
 
     # --------------------------------------------------------------- batch
@@ -69,8 +70,8 @@ class GRPO(OnlineAlgorithm):
         seqs = [flat[i] for i in mine]
         t = sequences_to_tensors(seqs, seq_adv.reshape(-1)[mine], self.source.pad_id)
         denom_local = losses.aggregation_denominator(t["mask"], cfg.loss.aggregation)
-        self.denominator = max(dist.all_reduce_sum(denom_local), 1.0)
-        self.token_total = max(dist.all_reduce_sum(float(t["mask"].sum())), 1.0)
+        denominator = max(dist.all_reduce_sum(denom_local), 1.0)
+        token_total = max(dist.all_reduce_sum(float(t["mask"].sum())), 1.0)
         t0 = time.perf_counter()
         if self.recompute_old or cfg.kl.coef > 0 or cfg.advantage.entropy_modulation:
             self._add_old_and_ref(t, model)
@@ -83,7 +84,13 @@ class GRPO(OnlineAlgorithm):
         micro = [{k: v[idx] for k, v in t.items()} for idx in chunk_indices(len(seqs), size)]
         micro = [_trim(mb) for mb in micro]
         metrics["advantage/abs_mean"] = float(seq_adv[valid].abs().mean()) if valid.any() else 0.0
-        return StepBatch(micro, metrics, updates=cfg.train.updates_per_batch)
+        return StepBatch(
+            micro,
+            metrics,
+            updates=cfg.train.updates_per_batch,
+            denominator=denominator,
+            token_total=token_total,
+        )
 
     def _add_old_and_ref(self, t: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
         """Fill logp_old / entropy_old (current policy) and logp_ref, without grad."""
@@ -93,11 +100,11 @@ class GRPO(OnlineAlgorithm):
 
     # ---------------------------------------------------------------- loss
     def loss(
-        self, outputs: Any, mb: dict[str, torch.Tensor]
+        self, outputs: Any, mb: dict[str, torch.Tensor], batch: StepBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """This micro-batch's share of the step loss and metrics."""
         return clipped_policy_loss(
-            self.cfg, outputs.logits, mb, self.denominator, self.token_total, self.cfg.kl.coef
+            self.cfg, outputs.logits, mb, batch.denominator, batch.token_total, self.cfg.kl.coef
         )
 
 
@@ -166,3 +173,10 @@ def clipped_policy_loss(
 
 
 __all__ = ["GRPO", "clipped_policy_loss", "pad_right"]
+
+
+def build_grpo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> GRPO:
+    """GRPO over a rollout source, with a frozen reference when `kl.coef > 0`."""
+    source = make_rollout_source(cfg, model_path, tokenizer)
+    ref = frozen_reference(cfg, model_path) if cfg.kl.coef > 0 else None
+    return GRPO(cfg, source, ref)

@@ -25,13 +25,16 @@ from typing import Any
 
 import torch
 
-from posttrain import distributed as dist
-from posttrain.algorithms.base import StepBatch, chunk_indices, shard_for_rank
+from posttrain.algorithms.base import StepBatch
 from posttrain.algorithms.dpo import ReferenceLogps
 from posttrain.algorithms.dpo import pair_losses as dpo_pair_losses
-from posttrain.algorithms.rollout_batch import OnlineAlgorithm, RolloutSource, Sample
+from posttrain.algorithms.online import OnlineAlgorithm, frozen_reference
 from posttrain.config import Config
 from posttrain.data.preference import EncodedPair, pair_batch
+from posttrain.data.tensors import chunk_indices, shard_for_rank
+from posttrain.rollout.factory import make_rollout_source
+from posttrain.rollout.source import RolloutSource, Sample
+from posttrain.runtime import distributed as dist
 
 
 def select_pairs(groups: list[list[Sample]]) -> tuple[list[tuple[int, int, int]], dict[str, int]]:
@@ -86,7 +89,6 @@ class OnlineDPO(OnlineAlgorithm):
     def __init__(self, cfg: Config, source: RolloutSource, ref_model: Any | None = None) -> None:
         super().__init__(cfg, source, ref_model)
         self.ref = None if ref_model is None else ReferenceLogps(source.pad_id, model=ref_model)
-        self.total_pairs = 1.0  # pairs of the step, all ranks (the loss denominator)
 
     # --------------------------------------------------------------- batch
     def make_batch(self, step: int, model: torch.nn.Module) -> StepBatch:
@@ -97,7 +99,7 @@ class OnlineDPO(OnlineAlgorithm):
             metrics["rollout/accuracy"] = metrics.pop("accuracy")
         mine = shard_for_rank(len(groups), dist.rank(), dist.world_size())
         pairs, counts = select_pairs([groups[g] for g in mine])
-        self.total_pairs = max(dist.all_reduce_sum(float(len(pairs))), 1.0)
+        total_pairs = max(dist.all_reduce_sum(float(len(pairs))), 1.0)  # the loss denominator
         encoded = [
             sample_pair(groups[mine[g]][w], groups[mine[g]][l], mine[g]) for g, w, l in pairs
         ]
@@ -119,16 +121,18 @@ class OnlineDPO(OnlineAlgorithm):
         metrics["pairs/used"] = dist.all_reduce_sum(float(counts["used"]))
         metrics["pairs/skipped_ties"] = dist.all_reduce_sum(float(counts["ties"]))
         metrics["pairs/skipped_invalid"] = dist.all_reduce_sum(float(counts["invalid"]))
-        return StepBatch(micro, metrics, updates=cfg.train.updates_per_batch)
+        return StepBatch(
+            micro, metrics, updates=cfg.train.updates_per_batch, denominator=total_pairs
+        )
 
     # ---------------------------------------------------------------- loss
     def loss(
-        self, outputs: Any, mb: dict[str, torch.Tensor]
+        self, outputs: Any, mb: dict[str, torch.Tensor], batch: StepBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Sum of this micro-batch's pair losses / pairs of the whole step, and metric shares."""
         loss, met = dpo_pair_losses(outputs.logits, mb, self.cfg.dpo)
         w = mb["pair_weight"].to(loss.device)
-        n = self.total_pairs
+        n = batch.denominator
 
         def share(x: torch.Tensor) -> float:
             return float((x.to(w.device) * w).sum()) / n
@@ -146,12 +150,6 @@ class OnlineDPO(OnlineAlgorithm):
 
 def build_online_dpo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> OnlineDPO:
     """Rollout source, frozen reference (the starting policy) and the OnlineDPO object."""
-    from posttrain.algorithms import make_rollout_source
-    from posttrain.models import load_reference
-
     source = make_rollout_source(cfg, model_path, tokenizer)
-    ref = None
-    if cfg.dpo.loss != "simpo":
-        ref = load_reference(cfg.model.ref_path or model_path, dtype=cfg.model.dtype)
-        ref = ref.to(dist.device())
+    ref = frozen_reference(cfg, model_path) if cfg.dpo.loss != "simpo" else None
     return OnlineDPO(cfg, source, ref)

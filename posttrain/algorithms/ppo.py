@@ -19,18 +19,17 @@ from typing import Any
 import torch
 
 from posttrain import advantages as adv_fn
-from posttrain import distributed as dist
 from posttrain import losses
-from posttrain.algorithms.actor_critic import ActorCritic
-from posttrain.algorithms.base import StepBatch, chunk_indices, shard_for_rank, trim_micro_batch
+from posttrain.algorithms.base import StepBatch, trim_micro_batch
 from posttrain.algorithms.grpo import clipped_policy_loss
-from posttrain.algorithms.rollout_batch import (
-    OnlineAlgorithm,
-    RolloutSource,
-    sequences_to_tensors,
-)
+from posttrain.algorithms.online import OnlineAlgorithm, frozen_reference, sequences_to_tensors
 from posttrain.config import Config
+from posttrain.data.tensors import chunk_indices, shard_for_rank
 from posttrain.errors import ConfigError
+from posttrain.models.actor_critic import ActorCritic
+from posttrain.rollout.factory import make_rollout_source
+from posttrain.rollout.source import RolloutSource
+from posttrain.runtime import distributed as dist
 
 
 def global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
@@ -122,9 +121,6 @@ class PPO(OnlineAlgorithm):
             self.controller = losses.AdaptiveKLController(
                 cfg.kl.coef, cfg.kl.target, cfg.kl.horizon
             )
-        self.denominator = 1.0
-        self.token_total = 1.0
-        self.critic_only = False
 
     # --------------------------------------------------------------- batch
     def make_batch(self, step: int, model: torch.nn.Module) -> StepBatch:
@@ -143,14 +139,17 @@ class PPO(OnlineAlgorithm):
         metrics["time/logprob_s"] = time.perf_counter() - t0
         metrics.update(self._advantages(t, rewards, len(flat)))
         denom_local = losses.aggregation_denominator(t["mask"], cfg.loss.aggregation)
-        self.denominator = max(dist.all_reduce_sum(denom_local), 1.0)
-        self.token_total = max(dist.all_reduce_sum(float(t["mask"].sum())), 1.0)
-        self.critic_only = step < cfg.ppo.critic_warmup_steps
-        module.critic_only = self.critic_only
-        metrics["ppo/critic_only"] = float(self.critic_only)
+        critic_only = step < cfg.ppo.critic_warmup_steps
+        module.critic_only = critic_only
+        metrics["ppo/critic_only"] = float(critic_only)
         micro = [{k: v[idx] for k, v in t.items()} for idx in chunk_indices(len(seqs), size)]
         return StepBatch(
-            [trim_micro_batch(mb) for mb in micro], metrics, cfg.train.updates_per_batch
+            [trim_micro_batch(mb) for mb in micro],
+            metrics,
+            cfg.train.updates_per_batch,
+            denominator=max(dist.all_reduce_sum(denom_local), 1.0),
+            token_total=max(dist.all_reduce_sum(float(t["mask"].sum())), 1.0),
+            step_state={"critic_only": critic_only},
         )
 
     def _advantages(
@@ -191,7 +190,7 @@ class PPO(OnlineAlgorithm):
 
     # ---------------------------------------------------------------- loss
     def loss(
-        self, outputs: Any, mb: dict[str, torch.Tensor]
+        self, outputs: Any, mb: dict[str, torch.Tensor], batch: StepBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Share of policy loss + vf_coef * value loss (value loss only during warm-up)."""
         cfg, p = self.cfg, self.cfg.ppo
@@ -200,16 +199,16 @@ class PPO(OnlineAlgorithm):
         v_tok, v_stats = losses.value_loss(
             values, mb["values_old"], mb["returns"], mask, p.value_clip
         )
-        v_loss = losses.aggregate(v_tok, mask, "token_mean", self.token_total)
+        v_loss = losses.aggregate(v_tok, mask, "token_mean", batch.token_total)
         shares = {
             "value/loss": float(v_loss.detach()),
-            "value/clip_frac": float(v_stats["clipped"].sum()) / self.token_total,
+            "value/clip_frac": float(v_stats["clipped"].sum()) / batch.token_total,
         }
-        if self.critic_only:
+        if batch.step_state["critic_only"]:
             return p.vf_coef * v_loss, shares
         kl_coef = 0.0 if cfg.kl.in_reward else cfg.kl.coef
         pg_loss, pg_shares = clipped_policy_loss(
-            cfg, outputs.logits, mb, self.denominator, self.token_total, kl_coef
+            cfg, outputs.logits, mb, batch.denominator, batch.token_total, kl_coef
         )
         shares.update(pg_shares)
         shares["policy/loss"] = float(pg_loss.detach())
@@ -240,13 +239,9 @@ def _actor_critic(model: Any) -> ActorCritic:
     return module
 
 
-def build_ppo(cfg: Config, source: RolloutSource, model_path: str, engine: Any) -> PPO:
-    """PPO over `source`, with a frozen reference when `kl.coef > 0`."""
-    from posttrain.models import load_reference
-
+def build_ppo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> PPO:
+    """PPO over a rollout source, with a frozen reference when `kl.coef > 0`."""
     _actor_critic(engine)
-    ref = None
-    if cfg.kl.coef > 0:
-        ref = load_reference(cfg.model.ref_path or model_path, dtype=cfg.model.dtype)
-        ref = ref.to(dist.device())
+    source = make_rollout_source(cfg, model_path, tokenizer)
+    ref = frozen_reference(cfg, model_path) if cfg.kl.coef > 0 else None
     return PPO(cfg, source, ref)

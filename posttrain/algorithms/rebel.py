@@ -19,17 +19,15 @@ from typing import Any
 
 import torch
 
-from posttrain import distributed as dist
 from posttrain import losses
-from posttrain.algorithms.base import StepBatch, chunk_indices, shard_for_rank, trim_micro_batch
-from posttrain.algorithms.rollout_batch import (
-    OnlineAlgorithm,
-    RolloutSource,
-    Sample,
-    policy_token_stats,
-    sequences_to_tensors,
-)
+from posttrain.algorithms.base import StepBatch, trim_micro_batch
+from posttrain.algorithms.online import OnlineAlgorithm, sequences_to_tensors
 from posttrain.config import Config
+from posttrain.data.tensors import chunk_indices, shard_for_rank
+from posttrain.models.forward import policy_token_stats
+from posttrain.rollout.factory import make_rollout_source
+from posttrain.rollout.source import RolloutSource, Sample
+from posttrain.runtime import distributed as dist
 
 
 class Rebel(OnlineAlgorithm):
@@ -42,8 +40,6 @@ class Rebel(OnlineAlgorithm):
 
     def __init__(self, cfg: Config, source: RolloutSource) -> None:
         super().__init__(cfg, source)
-        self.num_pairs = 1.0  # valid pairs of the step, all ranks (the loss denominator)
-        self.token_total = 1.0  # completion tokens of the step, all ranks (metric denominator)
 
     # --------------------------------------------------------------- batch
     def make_batch(self, step: int, model: torch.nn.Module) -> StepBatch:
@@ -55,8 +51,8 @@ class Rebel(OnlineAlgorithm):
         t = group_tensors([groups[g] for g in mine], self.source.pad_id)
         valid = t["valid"].reshape(-1, G)
         n_pairs = losses.rebel_pairs(len(mine), G, valid).shape[0]
-        self.num_pairs = max(dist.all_reduce_sum(float(n_pairs)), 1.0)
-        self.token_total = max(dist.all_reduce_sum(float(t["mask"].sum())), 1.0)
+        num_pairs = max(dist.all_reduce_sum(float(n_pairs)), 1.0)  # the loss denominator
+        token_total = max(dist.all_reduce_sum(float(t["mask"].sum())), 1.0)
         size = cfg.train.micro_batch_size_per_device  # a multiple of G: whole groups
         if cfg.train.updates_per_batch > 1:  # with one update, logp_old == logp.detach()
             t["logp_old"] = policy_token_stats(model, t, cfg.rollout.temperature, size)["logp_old"]
@@ -64,12 +60,18 @@ class Rebel(OnlineAlgorithm):
         micro = [
             trim_micro_batch({k: v[idx] for k, v in t.items()}) for idx in chunk_indices(n, size)
         ]
-        metrics["rebel/pairs"] = self.num_pairs
-        return StepBatch(micro, metrics, updates=cfg.train.updates_per_batch)
+        metrics["rebel/pairs"] = num_pairs
+        return StepBatch(
+            micro,
+            metrics,
+            updates=cfg.train.updates_per_batch,
+            denominator=num_pairs,
+            token_total=token_total,
+        )
 
     # ---------------------------------------------------------------- loss
     def loss(
-        self, outputs: Any, mb: dict[str, torch.Tensor]
+        self, outputs: Any, mb: dict[str, torch.Tensor], batch: StepBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """This micro-batch's share: sum of its pairs' REBEL losses / pairs of the whole step.
 
@@ -77,6 +79,7 @@ class Rebel(OnlineAlgorithm):
             outputs: the model's forward output; `logits` [b, W, V].
             mb: `input_ids` [b, W], `mask`/`logp_roll` (and `logp_old`) [b, W-1], `reward` and
                 `valid` [b]; b is a multiple of `samples_per_prompt` (whole groups).
+            batch: the step's batch (`denominator` = valid pairs, `token_total`, all ranks).
         """
         cfg = self.cfg
         temp = cfg.rollout.temperature
@@ -88,16 +91,16 @@ class Rebel(OnlineAlgorithm):
         per_pair, seq_lr = rebel_micro_batch_loss(
             logp, logp_old, mask, mb["reward"], mb["valid"], group_size=G, eta=eta
         )
-        loss = per_pair.sum() / self.num_pairs
-        n_tok = self.token_total
+        num_pairs, n_tok = batch.denominator, batch.token_total
+        loss = per_pair.sum() / num_pairs
         with torch.no_grad():
             entropy = losses.token_entropy(logits.detach(), temp)
             mismatch = (logp_old - mb["logp_roll"].to(logp.device)).abs() * mask
         shares = {
             "entropy": float((entropy * mask).sum()) / n_tok,
             "tis/mismatch_abs_mean": float(mismatch.sum()) / n_tok,
-            "rebel/residual_abs_mean": float(per_pair.detach().sqrt().sum()) / self.num_pairs,
-            "rebel/pair_logratio_abs_mean": float(seq_lr.abs().sum()) / self.num_pairs,
+            "rebel/residual_abs_mean": float(per_pair.detach().sqrt().sum()) / num_pairs,
+            "rebel/pair_logratio_abs_mean": float(seq_lr.abs().sum()) / num_pairs,
         }
         return loss, shares
 
@@ -151,3 +154,8 @@ def rebel_micro_batch_loss(
     lr = (seq_logp - seq_old).detach()
     pairs = pairs.to(lr.device)
     return per_pair, lr[pairs[:, 0]] - lr[pairs[:, 1]]
+
+
+def build_rebel(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Rebel:
+    """REBEL over a rollout source."""
+    return Rebel(cfg, make_rollout_source(cfg, model_path, tokenizer))

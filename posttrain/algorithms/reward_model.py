@@ -16,73 +16,16 @@ from typing import Any
 
 import torch
 
-from posttrain import distributed as dist
 from posttrain import losses
-from posttrain.algorithms.base import StepBatch, chunk_indices, shard_for_rank
+from posttrain.algorithms.base import StepBatch
 from posttrain.algorithms.dpo import check_pairs_per_step, load_preference_data
 from posttrain.config import Config
 from posttrain.data.preference import EncodedPair, pair_batch
 from posttrain.data.stream import RowStream
+from posttrain.data.tensors import chunk_indices, shard_for_rank
 from posttrain.errors import ConfigError
-
-
-def load_reward_model(
-    path: str, dtype: str = "float32", gradient_checkpointing: bool = False, lora: Any = None
-) -> Any:
-    """Load a scalar-head sequence classifier (num_labels=1) in train mode.
-
-    Args:
-        path: local model directory or hub name (a causal LM checkpoint is fine: the score head
-            is initialised fresh; an RM checkpoint keeps its head).
-        dtype: "float32" | "bfloat16" | "float16".
-        gradient_checkpointing: enable non-reentrant activation checkpointing.
-        lora: `model.lora`; LoRA is not supported for reward models yet (r must be 0).
-
-    Raises:
-        ConfigError: the model cannot be loaded, LoRA is requested, or neither the model config
-            nor the tokenizer names a pad token (needed to find the last non-pad token).
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    from posttrain.models import DTYPES, load_tokenizer, resolve_model_path
-
-    if lora is not None and getattr(lora, "r", 0) > 0:
-        raise ConfigError(
-            "model.lora is not supported for train.algorithm=reward_model (the new score head "
-            "must train in full); set model.lora.r=0"
-        )
-    name = resolve_model_path(path, "model.path")
-    if dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={dtype!r}: valid values are {sorted(DTYPES)}")
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=1, dtype=DTYPES[dtype], output_loading_info=True
-        )
-    except OSError as exc:
-        raise ConfigError(
-            f"model.path {name!r} could not be loaded as a reward model: {exc}"
-        ) from exc
-    if any(k.startswith("score.") for k in info.get("missing_keys", ())):
-        # a fresh head: std 1/sqrt(hidden + 1) (as TRL / InstructGPT value heads) instead of
-        # initializer_range (0.02), so the body gets useful gradients from the first step
-        hidden = model.score.weight.shape[1]
-        with torch.no_grad():
-            model.score.weight.normal_(0.0, 1.0 / (hidden + 1) ** 0.5)
-    if model.config.pad_token_id is None:
-        pad = load_tokenizer(name).pad_token_id
-        if pad is None:
-            raise ConfigError(f"model.path {name!r}: no pad token in the model config or tokenizer")
-        model.config.pad_token_id = int(pad)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    model.train()
-    return model
-
-
-def rewards_of(outputs: Any) -> torch.Tensor:
-    """[B] float32 scalar rewards from a sequence-classification output ([B, 1] logits)."""
-    return outputs.logits.float().reshape(-1)
+from posttrain.models.reward_model import rewards_of
+from posttrain.runtime import distributed as dist
 
 
 class RewardModel:
@@ -97,6 +40,9 @@ class RewardModel:
         other_held: further held-out sets scored by `evaluate` ({name: pairs}, e.g. the other
             kind of arithmetic wrong answer), logged as `eval/<name>/pair_accuracy`.
     """
+
+    rolls_out = False
+    evaluates = True
 
     def __init__(
         self,
@@ -130,7 +76,6 @@ class RewardModel:
         self.dropped = dropped
         self.use_margin = cfg.reward_model.margin_column is not None
         self.stream = RowStream(list(range(len(train))), seed=cfg.data.seed)
-        self.total_pairs = float(cfg.reward_model.pairs_per_step)
 
     def make_batch(self, step: int, model: torch.nn.Module) -> StepBatch:
         """This rank's micro-batches of the step's pairs."""
@@ -141,7 +86,8 @@ class RewardModel:
             pair_batch([self.train[mine[i]] for i in idx], self.pad_id)
             for idx in chunk_indices(len(mine), cfg.train.micro_batch_size_per_device)
         ]
-        return StepBatch(micro, {"data/dropped_pairs": float(self.dropped)})
+        metrics = {"data/dropped_pairs": float(self.dropped)}
+        return StepBatch(micro, metrics, denominator=float(cfg.reward_model.pairs_per_step))
 
     def pair_losses(
         self, outputs: Any, mb: dict[str, torch.Tensor]
@@ -154,11 +100,11 @@ class RewardModel:
         return loss, acc, r[:m].detach(), r[m:].detach()
 
     def loss(
-        self, outputs: Any, mb: dict[str, torch.Tensor]
+        self, outputs: Any, mb: dict[str, torch.Tensor], batch: StepBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Share of the step's mean Bradley-Terry loss, and metric shares."""
         loss, acc, rw, rl = self.pair_losses(outputs, mb)
-        n = self.total_pairs
+        n = batch.denominator
         shares = {
             "accuracy": float(acc.sum()) / n,
             "rewards/chosen": float(rw.sum()) / n,

@@ -10,9 +10,8 @@ from typing import Any
 
 import torch
 
-from posttrain import distributed as dist
 from posttrain import losses
-from posttrain.algorithms.base import StepBatch, chunk_indices, pad_right, shard_for_rank
+from posttrain.algorithms.base import StepBatch
 from posttrain.config import Config
 from posttrain.data.arithmetic import sft_completion
 from posttrain.data.chat import encode_sft
@@ -23,8 +22,11 @@ from posttrain.data.packing import (
     pack_bins,
     packed_rows,
 )
+from posttrain.data.splits import load_train_eval_rows
 from posttrain.data.stream import RowStream
+from posttrain.data.tensors import chunk_indices, pad_right, shard_for_rank
 from posttrain.errors import ConfigError
+from posttrain.runtime import distributed as dist
 
 
 def completion_of(row: dict[str, Any], cfg: Config, index: int) -> str:
@@ -59,16 +61,16 @@ class SFT:
         cfg: run config (`train.sft_batch_size` rows per optimizer step).
         tokenizer: chat-template tokenizer.
         rows: training rows with a prompt column and a completion column.
-        eval_fn: optional callable(step) -> metrics used by `evaluate`.
     """
 
-    def __init__(self, cfg: Config, tokenizer: Any, rows: list[dict], eval_fn: Any = None) -> None:
+    rolls_out = False
+    evaluates = False  # no held-out metric of its own (a warm-up's RL run evaluates)
+
+    def __init__(self, cfg: Config, tokenizer: Any, rows: list[dict]) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.stream = RowStream(rows, seed=cfg.data.seed)
         self.pad_id = int(tokenizer.pad_token_id)
-        self.denominator = 1.0
-        self.eval_fn = eval_fn
 
     def make_batch(self, step: int, model: torch.nn.Module) -> StepBatch:
         """Tokenise this step's rows (this rank's shard) into micro-batches."""
@@ -89,7 +91,7 @@ class SFT:
         input_ids = pad_right(ids, self.pad_id, torch.long)
         attention = pad_right([[1] * len(x) for x in ids], 0, torch.long)
         mask = pad_right(masks, 0, torch.float)[:, : input_ids.shape[1] - 1]
-        self.denominator = max(dist.all_reduce_sum(float(mask.sum())), 1.0)
+        tokens = max(dist.all_reduce_sum(float(mask.sum())), 1.0)
         micro = []
         for idx in chunk_indices(len(ids), cfg.train.micro_batch_size_per_device):
             width = int(attention[idx].sum(dim=1).max())
@@ -100,7 +102,7 @@ class SFT:
                     "mask": mask[idx, : width - 1],
                 }
             )
-        return StepBatch(micro, {"tokens/trained": self.denominator})
+        return StepBatch(micro, {"tokens/trained": tokens}, denominator=tokens, token_total=tokens)
 
     def _packed_batch(self, ids: list[list[int]], masks: list[list[float]]) -> StepBatch:
         """Pack this rank's samples into rows of `sft.max_length` tokens (see data/packing.py).
@@ -110,7 +112,7 @@ class SFT:
         """
         cfg = self.cfg
         bins = pack_bins([len(x) for x in ids], cfg.sft.max_length)
-        self.denominator = max(dist.all_reduce_sum(float(sum(map(sum, masks)))), 1.0)
+        tokens = max(dist.all_reduce_sum(float(sum(map(sum, masks)))), 1.0)
         n_micro = _max_over_ranks(math.ceil(len(bins) / cfg.train.micro_batch_size_per_device))
         per = math.ceil(len(bins) / n_micro)
         micro = []
@@ -120,13 +122,15 @@ class SFT:
                 micro.append(packed_rows(ids, masks, chunk, self.pad_id))
             else:
                 micro.append(packed_rows([[self.pad_id]], [[]], [[0]], self.pad_id))
-        metrics = {"tokens/trained": self.denominator, "sft/packed_rows": float(len(bins))}
-        return StepBatch(micro, metrics)
+        metrics = {"tokens/trained": tokens, "sft/packed_rows": float(len(bins))}
+        return StepBatch(micro, metrics, denominator=tokens, token_total=tokens)
 
-    def loss(self, outputs: Any, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """Share of the token-mean negative log-likelihood."""
+    def loss(
+        self, outputs: Any, mb: dict[str, torch.Tensor], batch: StepBatch
+    ) -> tuple[torch.Tensor, dict]:
+        """Share of the token-mean negative log-likelihood (over the step's trained tokens)."""
         logp = losses.token_logprobs(outputs.logits[:, :-1], mb["input_ids"][:, 1:], 1.0)
-        nll = -(logp * mb["mask"]).sum() / self.denominator
+        nll = -(logp * mb["mask"]).sum() / batch.denominator
         return nll, {}
 
     def after_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
@@ -134,8 +138,8 @@ class SFT:
         return {}
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Delegates to the evaluation callable, if any."""
-        return self.eval_fn(step) if self.eval_fn else {}
+        """No held-out metric (`evaluates` is False)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Data position."""
@@ -153,3 +157,9 @@ def _max_over_ranks(n: int) -> int:
     t = torch.tensor([n], dtype=torch.long)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
+
+
+def build_sft(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> SFT:
+    """SFT on the run's training rows."""
+    train, _ = load_train_eval_rows(cfg)
+    return SFT(cfg, tokenizer, train)

@@ -11,7 +11,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, RolloutError
+
+
+class RolloutServerError(RolloutError):
+    """A rollout server could not serve a request: names the URL and what happened."""
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,15 @@ group `[trainer rank 0, the server's workers...]`, packs and broadcasts tensors)
 must run with `--weight-transfer-config '{"backend": "nccl"}'` (`server_command(...,
 weight_transfer="nccl")` adds it). This module imports vllm: import it only for the NCCL path.
 
-Our weights arrive as a one-shot `(name, tensor)` stream (`posttrain.weight_sync.stream_weights`:
-ZeRO-3 parameters gathered a bucket at a time), while vLLM's engine wants a re-iterable
-`WeightSource` whose `metadata()` (name, dtype, full shape, in order) is known before the first
-byte is sent. So one update is cut into chunks of at most `chunk_bytes`: each chunk becomes a
-`TensorListSource` (metadata read off the chunk's own tensors, so the two channels agree by
-construction) and is sent with `send_weights` between one `start_weight_update` and one
-`finish_weight_update` of every server (vLLM's layerwise reload gathers a layer's weights across
-`update_weights` calls). The stream is read once; each chunk goes to every server; at most one
-chunk (plus the stream's own bucket) is alive on the trainer.
+Our weights arrive as a one-shot `(name, tensor)` stream
+(`posttrain.runtime.weight_sync.stream_weights`: ZeRO-3 parameters gathered a bucket at a time),
+while vLLM's engine wants a re-iterable `WeightSource` whose `metadata()` (name, dtype, full shape,
+in order) is known before the first byte is sent. So one update is cut into chunks of at most
+`chunk_bytes`: each chunk becomes a `TensorListSource` (metadata read off the chunk's own tensors,
+so the two channels agree by construction) and is sent with `send_weights` between one
+`start_weight_update` and one `finish_weight_update` of every server (vLLM's layerwise reload
+gathers a layer's weights across `update_weights` calls). The stream is read once; each chunk goes
+to every server; at most one chunk (plus the stream's own bucket) is alive on the trainer.
 
 Only the sender (training rank 0) uses this module; other ranks drain their copy of the stream so
 that the ZeRO-3 gathers stay collective (`posttrain.rollout.server_ranks`).
@@ -42,7 +42,7 @@ from vllm.distributed.weight_transfer.nccl_engine import (
     NCCLTrainerWeightTransferEngine,
 )
 
-from posttrain.rollout.vllm_server import RolloutServerError
+from posttrain.rollout.engine import RolloutServerError
 
 # 1 GiB: vLLM's packed broadcast splits it further into its own buffers (2 x 1 GiB default).
 DEFAULT_CHUNK_BYTES = 1 << 30

@@ -54,8 +54,7 @@ from typing import Any
 import httpx
 import torch
 
-from posttrain.errors import RolloutError
-from posttrain.rollout.engine import Rollout, SamplingConfig, check_sampling
+from posttrain.rollout.engine import Rollout, RolloutServerError, SamplingConfig, check_sampling
 
 WEIGHT_TRANSFERS = ("file", "nccl")
 # Routes a server only has with VLLM_SERVER_DEV_MODE=1 (weight reload, NCCL weight transfer).
@@ -68,10 +67,6 @@ _DEV_ROUTES = (
     "/update_weights",
     "/finish_weight_update",
 )
-
-
-class RolloutServerError(RolloutError):
-    """A rollout server could not serve a request: names the URL and what happened."""
 
 
 def parse_urls(server_url: str | list[str]) -> list[str]:

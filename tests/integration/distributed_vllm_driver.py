@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from posttrain import distributed as dist
-from posttrain.algorithms.base import pad_right
-from posttrain.algorithms.rollout_batch import policy_token_stats
 from posttrain.config import load_config
 from posttrain.data.chat import encode_prompts
+from posttrain.data.tensors import pad_right
+from posttrain.models.forward import policy_token_stats
 from posttrain.rollout.engine import SamplingConfig
+from posttrain.runtime import distributed as dist
 from posttrain.trainer import Trainer
 
 KEYS = (

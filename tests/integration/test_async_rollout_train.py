@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.algorithms.async_rollout import AsyncRolloutSource
-from posttrain.algorithms.rollout_batch import RolloutSource
+from posttrain.rollout.async_source import AsyncRolloutSource
+from posttrain.rollout.source import RolloutSource
 from posttrain.trainer import Trainer
 from tests.servers import rollout_server
 from tests.tiny_runs import TINY_RUN, read_jsonl, tiny_cfg, torchrun

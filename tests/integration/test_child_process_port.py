@@ -7,13 +7,13 @@ import sys
 
 PARENT = """
 import os, subprocess, sys
-from posttrain import distributed
+from posttrain.runtime import distributed
 distributed.init_distributed()
 port = os.environ["MASTER_PORT"]
 distributed.setup_environment()
 assert os.environ["MASTER_PORT"] == port, "same process keeps its port"
 child = (
-    "import os; from posttrain import distributed; distributed.init_distributed();"
+    "import os; from posttrain.runtime import distributed; distributed.init_distributed();"
     "print(os.environ['MASTER_PORT'])"
 )
 out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import posttrain.trainer as trainer_mod
-from posttrain.algorithms import model_loader
 from posttrain.config import load_config
 from posttrain.data.preference import pair_batch
 from posttrain.trainer import Trainer
@@ -104,13 +102,9 @@ def test_dpo_recipe_short_run_with_warmup_and_cache(tmp_path, tiny_model_dir):
     assert "eval/pref_accuracy" in eval_json["after"]
 
 
-def test_rm_recipe_short_run_and_reward_model_reward(tmp_path, tiny_model_dir, monkeypatch):
+def test_rm_recipe_short_run_and_reward_model_reward(tmp_path, tiny_model_dir):
     from rewards import get_reward
     from rewards.reward_model import clear_cache
-
-    if "model_loader" not in vars(trainer_mod):
-        # trainer.py does not consult posttrain.algorithms.model_loader yet (see MODEL_LOADERS)
-        monkeypatch.setattr(trainer_mod, "load_policy", model_loader("reward_model"))
 
     cfg = load_config(
         RECIPES / "rm_tiny.yaml",

@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain import distributed as dist
 from posttrain.config import load_config
-from posttrain.dsconfig import (
+from posttrain.errors import ConfigError
+from posttrain.runtime import distributed as dist
+from posttrain.runtime.dsconfig import (
     KNOWN_KEYS,
     apply_user_config,
     load_user_config,
     merge_deepspeed_config,
 )
-from posttrain.errors import ConfigError
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -341,8 +341,8 @@ def test_sbatch_header_requests_one_task_per_node():
 _ENGINE_SCRIPT = """
 import json, sys, tempfile
 import torch
-from posttrain import distributed as dist
-from posttrain.dsconfig import apply_user_config
+from posttrain.runtime import distributed as dist
+from posttrain.runtime.dsconfig import apply_user_config
 from posttrain.models import load_policy
 
 dist.init_distributed()

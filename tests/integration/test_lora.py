@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import posttrain.trainer as trainer_mod
-from posttrain import lora
 from posttrain.config import LoRAConfig, load_config
 from posttrain.errors import ConfigError
 from posttrain.models import load_policy
+from posttrain.runtime import lora
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -235,7 +235,7 @@ def _max_logprob_diff(model: torch.nn.Module, rollouts) -> float:
 def test_vllm_adapter_sync_logprob_parity(tiny_model_dir):
     from posttrain.rollout.engine import SamplingConfig
     from posttrain.rollout.vllm_local import VLLMEngine
-    from posttrain.weight_sync import push_adapter
+    from posttrain.runtime.weight_sync import push_adapter
 
     model = load_policy(tiny_model_dir, lora=LoRAConfig(r=4, alpha=8.0)).eval()
     _randomise_adapters(model)
@@ -281,8 +281,8 @@ class _AdapterRecorder:
 
 @pytest.mark.slow
 def test_zero3_adapter_gather_sends_only_adapter_tensors(tiny_model_dir):
-    from posttrain import distributed as dist
-    from posttrain.weight_sync import push_adapter
+    from posttrain.runtime import distributed as dist
+    from posttrain.runtime.weight_sync import push_adapter
 
     model = load_policy(tiny_model_dir, lora=LoRAConfig(r=4, alpha=8.0))
     _randomise_adapters(model)

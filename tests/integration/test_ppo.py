@@ -130,8 +130,8 @@ def test_ppo_zero3_gathers_and_exports_the_policy(tmp_path, tiny_model_dir):
 
 def test_ppo_with_a_reward_model_reward_and_critic(tmp_path, tiny_model_dir):
     """A scalar-head RM built offline scores completions and initialises the critic."""
-    from posttrain.algorithms.reward_model import load_reward_model
     from posttrain.models import load_tokenizer
+    from posttrain.models.reward_model import load_reward_model
     from rewards.reward_model import clear_cache
 
     rm_dir = tmp_path / "rm"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.checkpoint import STATE_FILE, latest
-from posttrain.watchdog import EXIT_CODE
+from posttrain.runtime.checkpoint import STATE_FILE, latest
+from posttrain.runtime.watchdog import EXIT_CODE
 from tests.tiny_runs import read_jsonl, torchrun
 
 pytestmark = pytest.mark.slow
@@ -204,7 +204,7 @@ def test_checkpoint_stuck_mid_save_is_never_taken_for_complete(tmp_path, tiny_mo
     ]
     code = f"""
 import time
-from posttrain import checkpoint
+from posttrain.runtime import checkpoint
 from posttrain.config import load_config
 from posttrain.trainer import Trainer
 

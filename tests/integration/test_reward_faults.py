@@ -13,7 +13,7 @@ they apply the same rule to the batch that was actually scored:
     u < 0.20: return NaN     -> reason "nan"
     else:     len(completion) / 10
 
-The test wraps ``rollout_batch.score`` to see each step's completions and the boundary's result
+The test wraps ``rollout_source.score`` to see each step's completions and the boundary's result
 (per-sample reasons), computes the expected faulty set independently with ``fault_of``, and checks
 it against the per-sample totals and against ``samples/reward_none``, ``samples/masked`` and
 ``reward/t_fault/errors/<reason>`` in metrics.jsonl.
@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 import rewards
-from posttrain.algorithms import rollout_batch
+from posttrain.rollout import source as rollout_source
 from posttrain.trainer import Trainer
 from rewards import registry
 from rewards.boundary import per_sample
@@ -85,14 +85,14 @@ def fault_reward():
 def scored(monkeypatch):
     """Every (prompts, completions, RewardResult) the rollout source scores, in order."""
     calls: list[tuple[list[str], list[str], object]] = []
-    real = rollout_batch.score
+    real = rollout_source.score
 
     def recording(specs, prompts, completions, columns=None, timeout_s=30.0):
         result = real(specs, prompts, completions, columns, timeout_s=timeout_s)
         calls.append((list(prompts), list(completions), result))
         return result
 
-    monkeypatch.setattr(rollout_batch, "score", recording)
+    monkeypatch.setattr(rollout_source, "score", recording)
     return calls
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.algorithms.rollout_batch import RolloutSource
 from posttrain.config import load_config
 from posttrain.data.arithmetic import parse, solve
 from posttrain.data.curriculum import load_stage_rows
 from posttrain.models import build_tokenizer
 from posttrain.rollout.engine import Rollout, SamplingConfig
+from posttrain.rollout.source import RolloutSource
 
 ROOT = Path(__file__).resolve().parents[2]
 _EXPR = re.compile(r"[0-9]+[+-][0-9]+")
@@ -53,7 +53,7 @@ def _source(*overrides: str) -> tuple[RolloutSource, object]:
             *overrides,
         ],
     )
-    from posttrain.algorithms import load_train_eval_rows
+    from posttrain.data.splits import load_train_eval_rows
 
     train, held = load_train_eval_rows(cfg)
     tok = build_tokenizer()

@@ -12,16 +12,8 @@ import pytest
 import torch
 
 from posttrain.errors import ConfigError
-from posttrain.models import (
-    EOS_TOKEN,
-    IM_START,
-    PAD_TOKEN,
-    TINY_SIZES,
-    load_policy,
-    load_reference,
-    load_tokenizer,
-    make_tiny,
-)
+from posttrain.models import load_policy, load_reference, load_tokenizer, make_tiny
+from posttrain.models.tiny import EOS_TOKEN, IM_START, PAD_TOKEN, TINY_SIZES
 
 ROUND_TRIP_TEXTS = [
     "Hello, world!",

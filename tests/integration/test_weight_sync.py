@@ -1,4 +1,4 @@
-"""Streamed weight sync (`posttrain.weight_sync`) equals the full state dict it replaces.
+"""Streamed weight sync (`posttrain.runtime.weight_sync`) equals the full state dict it replaces.
 
 Plain, LoRA-merged, and DeepSpeed ZeRO-3 (one process, gloo; with and without CPU offload of
 parameters and optimizer state) models: the streamed (name, tensor) pairs equal
@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain import distributed as dist
-from posttrain import lora
-from posttrain.checkpoint import full_state_dict
 from posttrain.config import LoRAConfig
 from posttrain.models import load_policy
-from posttrain.weight_sync import parameter_buckets, push_weights, stream_weights
+from posttrain.runtime import distributed as dist
+from posttrain.runtime import lora
+from posttrain.runtime.checkpoint import full_state_dict
+from posttrain.runtime.weight_sync import parameter_buckets, push_weights, stream_weights
 
 
 def _randomise_adapters(model: torch.nn.Module) -> None:

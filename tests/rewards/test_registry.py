@@ -354,4 +354,4 @@ def test_contract_names_are_exported():
         assert hasattr(rewards, name)
     for name in ["get_reward", "register", "available"]:
         assert hasattr(rewards, name)
-    assert registry.score is score  # CONTRACTS.md: rewards.registry.score
+    assert rewards.score is score  # CONTRACTS.md: rewards.score (rewards/boundary.py)

@@ -356,7 +356,7 @@ def test_cache_key_covers_reference_and_model():
 
 
 def test_through_registry_score(server):
-    from rewards.registry import RewardSpec, get_reward, score
+    from rewards import RewardSpec, get_reward, score
 
     assert get_reward("rubric") is rubric and get_reward("judge_verifier") is judge_verifier
     kw = {"base_url": server.url, "model": MODEL}

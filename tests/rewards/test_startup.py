@@ -175,8 +175,8 @@ def test_user_reward_with_var_kwargs_is_not_second_guessed():
 
 
 def test_check_rewards_in_the_trainer_uses_it(tmp_path):
-    from posttrain.algorithms import check_rewards
     from posttrain.config import load_config
+    from posttrain.rollout.factory import check_rewards
 
     cfg = load_config(
         None,

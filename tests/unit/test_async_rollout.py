@@ -9,12 +9,11 @@ from typing import Any
 
 import pytest
 
-from posttrain.algorithms.async_rollout import AsyncRolloutSource
-from posttrain.algorithms.rollout_batch import Sample
 from posttrain.config import load_config
 from posttrain.errors import ConfigError
-from posttrain.rollout.engine import Rollout
-from posttrain.rollout.vllm_server import RolloutServerError
+from posttrain.rollout.async_source import AsyncRolloutSource
+from posttrain.rollout.engine import Rollout, RolloutServerError
+from posttrain.rollout.source import Sample
 
 
 class FakeStream:

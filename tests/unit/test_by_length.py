@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from posttrain.algorithms.base import chunk_indices
-from posttrain.algorithms.rollout_batch import Sample, by_length
+from posttrain.algorithms.online import by_length
+from posttrain.data.tensors import chunk_indices
 from posttrain.rollout.engine import Rollout
+from posttrain.rollout.source import Sample
 
 
 def _sample(prompt: int, completion: int) -> Sample:

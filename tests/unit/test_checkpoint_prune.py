@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from posttrain import checkpoint
 from posttrain.config import load_config
 from posttrain.errors import ConfigError
+from posttrain.runtime import checkpoint
 
 
 def _ckpt(root: Path, name: str, step: int, complete: bool = True) -> Path:

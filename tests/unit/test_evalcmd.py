@@ -7,8 +7,8 @@ import math
 import pytest
 
 from posttrain.config import load_config
-from posttrain.eval import EvalDetails, summarize
-from posttrain.evalcmd import build_report, format_table, split_args
+from posttrain.eval.command import build_report, format_table, split_args
+from posttrain.eval.evaluate import EvalDetails, summarize
 from posttrain.models import build_tokenizer
 
 

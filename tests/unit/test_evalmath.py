@@ -1,4 +1,4 @@
-"""Tests for posttrain.evalmath."""
+"""Tests for posttrain.eval.statistics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from posttrain.evalmath import (
+from posttrain.eval.statistics import (
     avg_at_k,
     mean_pass_at_k,
     pass_at_k,

@@ -1,4 +1,4 @@
-"""posttrain.logging: metrics.jsonl, wandb offline/disabled, ranks, progress, PNG curves."""
+"""posttrain.runtime.logging: metrics.jsonl, wandb offline/disabled, ranks, progress, PNG curves."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from posttrain.errors import ConfigError
-from posttrain.logging import RunLogger, plot_curves, progress, read_metrics
+from posttrain.runtime.logging import RunLogger, plot_curves, progress, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

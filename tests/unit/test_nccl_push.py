@@ -19,7 +19,7 @@ from posttrain.errors import ConfigError
 from posttrain.models import load_policy
 from posttrain.rollout.engine import SamplingConfig
 from posttrain.rollout.vllm_server import ServerEngine
-from posttrain.weight_sync import stream_weights
+from posttrain.runtime.weight_sync import stream_weights
 from tests.unit.test_server_engine import FakeServers
 
 pytestmark = pytest.mark.skipif(
@@ -187,9 +187,9 @@ def test_sources_over_a_zero3_gathered_merged_lora_stream(tiny_model_dir):
     """ZeRO-3 (one gloo process) + LoRA: the chunk sources carry the gathered, merged weights."""
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
 
-    from posttrain.checkpoint import full_state_dict
     from posttrain.config import LoRAConfig
     from posttrain.rollout.nccl_push import TensorListSource, chunked
+    from posttrain.runtime.checkpoint import full_state_dict
     from tests.integration.test_weight_sync import _randomise_adapters, _zero3_engine
 
     model = load_policy(str(tiny_model_dir), lora=LoRAConfig(r=4, alpha=8.0))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from posttrain import distributed as dist
 from posttrain.config import load_config
 from posttrain.errors import ConfigError
+from posttrain.runtime import distributed as dist
 
 
 def test_offload_needs_a_zero_stage():

@@ -14,10 +14,10 @@ import torch
 
 from posttrain import losses
 from posttrain.algorithms.online_dpo import OnlineDPO, select_pairs
-from posttrain.algorithms.rollout_batch import Sample
 from posttrain.config import load_config
 from posttrain.errors import ConfigError
 from posttrain.rollout.engine import Rollout
+from posttrain.rollout.source import Sample
 
 
 def odpo_cfg(*extra: str):
@@ -119,13 +119,13 @@ def test_online_loss_equals_dpo_loss_by_hand(nll_coef):
     assert batch.metrics["pairs/used"] == 3.0
     assert batch.metrics["pairs/skipped_ties"] == 2.0
     assert batch.metrics["pairs/skipped_invalid"] == 1.0
-    assert algo.total_pairs == 3.0
+    assert batch.denominator == 3.0
     # the samples' answer accuracy moves aside: `accuracy` is the loss's (DPO's) metric
     assert batch.metrics["rollout/accuracy"] == 0.25 and "accuracy" not in batch.metrics
 
     total, shares = 0.0, {}
     for mb in batch.micro_batches:
-        loss, sh = algo.loss(policy(mb["input_ids"]), mb)
+        loss, sh = algo.loss(policy(mb["input_ids"]), mb, batch)
         total += float(loss.detach())
         for k, v in sh.items():
             shares[k] = shares.get(k, 0.0) + v
@@ -167,10 +167,11 @@ def test_global_denominator_and_policy_equals_reference():
     cfg = odpo_cfg("dpo.beta=0.1")
     algo = OnlineDPO(cfg, FakeSource(_groups()), ref_model=TinyLM(0))
     batch = algo.make_batch(0, None)
-    algo.total_pairs = 6.0  # as if another rank held 3 more pairs
+    batch.denominator = 6.0  # as if another rank held 3 more pairs
     policy = TinyLM(0)
     total = sum(
-        float(algo.loss(policy(mb["input_ids"]), mb)[0].detach()) for mb in batch.micro_batches
+        float(algo.loss(policy(mb["input_ids"]), mb, batch)[0].detach())
+        for mb in batch.micro_batches
     )
     assert total == pytest.approx(3 * math.log(2.0) / 6.0, rel=1e-6)
 
@@ -182,7 +183,7 @@ def test_rank_without_pairs_trains_a_zero_weight_pair():
     assert batch.metrics["pairs/used"] == 0.0 and batch.metrics["pairs/skipped_ties"] == 2.0
     (mb,) = batch.micro_batches
     policy = TinyLM(0)
-    loss, shares = algo.loss(policy(mb["input_ids"]), mb)
+    loss, shares = algo.loss(policy(mb["input_ids"]), mb, batch)
     assert float(loss.detach()) == 0.0 and all(v == 0.0 for v in shares.values())
     loss.backward()  # still a graph: every rank runs backward
 

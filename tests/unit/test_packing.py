@@ -134,7 +134,7 @@ def _step_loss_and_grad(model, batch, algo):
     total = 0.0
     for mb in batch.micro_batches:
         kw = {k: mb[k] for k in ("input_ids", "attention_mask", "position_ids") if k in mb}
-        loss, _ = algo.loss(model(**kw), mb)
+        loss, _ = algo.loss(model(**kw), mb, batch)
         loss.backward()
         total += float(loss.detach())
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])

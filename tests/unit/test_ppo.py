@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from posttrain import advantages as adv_fn
-from posttrain.algorithms.actor_critic import ActorCritic, load_actor_critic
+from posttrain.algorithms.base import StepBatch
 from posttrain.algorithms.ppo import PPO, global_moments, whiten_global
 from posttrain.config import load_config
 from posttrain.errors import ConfigError
 from posttrain.losses import kl_estimate
+from posttrain.models.actor_critic import ActorCritic, load_actor_critic
 
 PPO_ARGS = ["train.algorithm=ppo", "advantage.estimator=gae"]
 
@@ -179,14 +180,14 @@ def test_adaptive_kl_controller_updates_and_round_trips():
 def test_critic_warmup_loss_is_vf_coef_times_value_loss():
     cfg = ppo_cfg("ppo.vf_coef=0.5", "ppo.value_clip=0.2")
     algo = PPO(cfg, source=None, ref_model=None)
-    algo.critic_only, algo.token_total = True, 4.0
+    step = StepBatch([], token_total=4.0, step_state={"critic_only": True})
     values = torch.tensor([[9.0, 0.5, 0.1, 2.0], [9.0, -1.0, 9.0, 9.0]])
     mb = {
         "mask": torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]),
         "values_old": torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
         "returns": torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]),
     }
-    loss, shares = algo.loss(SimpleNamespace(values=values, logits=None), mb)
+    loss, shares = algo.loss(SimpleNamespace(values=values, logits=None), mb, step)
     # V = 9 (clipped to 0.2), 0.5 (0.2), 0.1 (0.1), -1 (-0.2); G = 1 each
     per_tok = [max(64.0, 0.64), max(0.25, 0.64), max(0.81, 0.81), max(4.0, 1.44)]
     expected = 0.5 * sum(0.5 * x for x in per_tok) / 4.0

@@ -249,7 +249,7 @@ def test_dpo_loss_shares_sum_to_the_mean_over_pairs(tok, ref_model, tiny_model_d
         for mb in batch.micro_batches:
             with torch.no_grad():
                 out = ref_model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
-            lo, sh = algo.loss(out, mb)
+            lo, sh = algo.loss(out, mb, batch)
             loss += float(lo)
             for k, v in sh.items():
                 shares[k] = shares.get(k, 0.0) + v

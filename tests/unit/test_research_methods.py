@@ -11,12 +11,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain.algorithms.base import chunk_indices, trim_micro_batch
+from posttrain.algorithms.base import StepBatch, trim_micro_batch
+from posttrain.algorithms.online import check_on_policy
 from posttrain.algorithms.rebel import Rebel, group_tensors
-from posttrain.algorithms.rollout_batch import Sample, check_on_policy
 from posttrain.config import load_config
+from posttrain.data.tensors import chunk_indices
 from posttrain.errors import ConfigError
 from posttrain.rollout.engine import Rollout
+from posttrain.rollout.source import Sample
 from rewards import RewardConfigError, get_reward, score, validate_rewards
 
 
@@ -47,8 +49,8 @@ def test_rebel_loss_two_pairs_matches_hand_computation():
     """Two groups of two samples (two pairs) through `Rebel.loss`, against a loop."""
     eta = 0.5
     algo = Rebel(rebel_cfg(f"rebel.eta={eta}"), source=None)
-    algo.num_pairs = 2.0  # what make_batch sets: valid pairs of the whole step
-    algo.token_total = 5.0
+    # what make_batch puts in the step's batch: valid pairs and loss tokens of the whole step
+    step = StepBatch([], denominator=2.0, token_total=5.0)
     V = 3
     # 4 samples, row = 1 prompt token + completion; completions of 2, 1, 2, 1 tokens (0 = pad).
     input_ids = torch.tensor([[0, 1, 2], [0, 2, 0], [0, 2, 1], [0, 1, 0]])
@@ -67,7 +69,7 @@ def test_rebel_loss_two_pairs_matches_hand_computation():
         "reward": rewards,
         "valid": torch.ones(4, dtype=torch.bool),
     }
-    loss, shares = algo.loss(SimpleNamespace(logits=logits), mb)
+    loss, shares = algo.loss(SimpleNamespace(logits=logits), mb, step)
 
     L = logits.detach().tolist()
     seq, seq_old = [], []
@@ -92,7 +94,7 @@ def test_rebel_loss_two_pairs_matches_hand_computation():
 
 def test_rebel_invalid_sample_drops_its_pairs():
     algo = Rebel(rebel_cfg(), source=None)
-    algo.num_pairs = 1.0
+    step = StepBatch([], denominator=1.0)
     logits = torch.zeros(4, 3, 2, requires_grad=True)  # uniform: logp = log 1/2 per token
     mb = {
         "input_ids": torch.tensor([[0, 1, 1], [0, 1, 1], [0, 1, 1], [0, 1, 1]]),
@@ -103,7 +105,7 @@ def test_rebel_invalid_sample_drops_its_pairs():
         "reward": torch.tensor([1.0, 0.0, 3.0, 0.0]),
         "valid": torch.tensor([True, True, False, True]),
     }
-    loss, _ = algo.loss(SimpleNamespace(logits=logits), mb)
+    loss, _ = algo.loss(SimpleNamespace(logits=logits), mb, step)
     assert loss.item() == pytest.approx(1.0, abs=1e-6)  # only pair (0, 1): (0 - 1)^2
 
 
@@ -136,12 +138,12 @@ class TinyLM(torch.nn.Module):
         return SimpleNamespace(logits=self.out(torch.tanh(self.emb(input_ids))))
 
 
-def _grads(algo: Rebel, model: TinyLM, t: dict, size: int) -> list[torch.Tensor]:
+def _grads(algo: Rebel, model: TinyLM, t: dict, size: int, step: StepBatch) -> list[torch.Tensor]:
     model.zero_grad()
     n = t["input_ids"].shape[0]
     for idx in chunk_indices(n, size):
         mb = trim_micro_batch({k: v[idx] for k, v in t.items()})
-        loss, _ = algo.loss(model(mb["input_ids"]), mb)
+        loss, _ = algo.loss(model(mb["input_ids"]), mb, step)
         loss.backward()
     return [p.grad.clone() for p in model.parameters()]
 
@@ -154,11 +156,11 @@ def test_rebel_micro_batch_size_does_not_change_the_gradient():
     t["logp_old"] = -torch.rand(t["mask"].shape, generator=g)  # non-trivial residuals
     cfg = rebel_cfg("rollout.samples_per_prompt=3", "train.micro_batch_size_per_device=3")
     algo = Rebel(cfg, source=None)
-    algo.num_pairs = 3 + 1 + 3 + 3  # the group with a None reward keeps one pair
+    step = StepBatch([], denominator=3 + 1 + 3 + 3)  # the group with a None reward keeps one pair
     model = TinyLM()
-    full = _grads(algo, model, t, 12)
+    full = _grads(algo, model, t, 12, step)
     for size in (3, 6):
-        for a, b in zip(full, _grads(algo, model, t, size), strict=True):
+        for a, b in zip(full, _grads(algo, model, t, size, step), strict=True):
             assert torch.allclose(a, b, atol=1e-6)
     assert max(float(a.abs().max()) for a in full) > 1e-4
 
@@ -229,7 +231,7 @@ def test_neg_entropy_needs_a_caller_that_supplies_the_entropy():
 
 
 def test_neg_entropy_with_an_algorithm_that_cannot_supply_it():
-    from posttrain.algorithms import check_rewards
+    from posttrain.rollout.factory import check_rewards
 
     rows = [{"prompt": "1+1", "answer": "2"}]
     check_rewards(load_config(None, ["rewards=[{name: neg_entropy}]"]), rows)

@@ -16,7 +16,7 @@ import pytest
 
 from posttrain.config import load_config
 from posttrain.errors import ConfigError, RolloutError
-from posttrain.watchdog import EXIT_CODE, Watchdog, resume_hint
+from posttrain.runtime.watchdog import EXIT_CODE, Watchdog, resume_hint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ def _child(body: str, ckpts: Path, limit: float) -> tuple[subprocess.CompletedPr
         f"""
         import sys, time
         from pathlib import Path
-        from posttrain.watchdog import Watchdog
+        from posttrain.runtime.watchdog import Watchdog
         wd = Watchdog({limit}, checkpoints=Path({str(ckpts)!r}), rank=1, world_size=2).start()
         """
     ) + textwrap.dedent(body)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from posttrain.config import CHOICES, Config, _closest
-from posttrain.errors import ConfigError
+from posttrain.config.schema import CHOICES, Config
+from posttrain.errors import ConfigError, did_you_mean
 
 
 def _check(cond: bool, message: str) -> None:
@@ -133,7 +133,7 @@ def _check_task_keys(task: dict, where: str) -> None:
     names = [p for p in params if p not in ("split", "n", "seed")]
     for key in task:
         if key not in names:
-            raise ConfigError(f"unknown config key '{where}.{key}'{_closest(str(key), names)}")
+            raise ConfigError(f"unknown config key '{where}.{key}'{did_you_mean(str(key), names)}")
 
 
 def _validate_stages_resampling(cfg: Config) -> None:
@@ -303,7 +303,7 @@ def _validate_lora_deepspeed(cfg: Config) -> None:
     if lora.sync == "adapter":
         _validate_lora_adapter_sync(cfg)
     if cfg.train.deepspeed_config is not None:
-        from posttrain.dsconfig import check_user_config
+        from posttrain.runtime.dsconfig import check_user_config
 
         check_user_config(cfg)
 

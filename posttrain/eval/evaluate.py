@@ -14,7 +14,7 @@ from typing import Any
 
 from posttrain.config import Config
 from posttrain.data.chat import encode_prompts, render_prompt
-from posttrain.evalmath import pass_at_k
+from posttrain.eval.statistics import pass_at_k
 from posttrain.rollout.engine import SamplingConfig
 from rewards import RewardSpec, score
 

@@ -4,8 +4,8 @@ Follows "A Sober Look at Progress in Language Model Reasoning" (Hochlehnert et a
 accuracy; avg@k repeated over several seeds and reported as mean, std and 95% t-interval across
 seeds; unbiased pass@k from all S x k samples of each problem. The decoding settings, seeds, k,
 the chat template's SHA-256 with one rendered prompt, the model and the dataset are written next
-to every result. Generation and scoring are `posttrain.eval.evaluate_details`, the code that
-produces the before/after numbers of a training run.
+to every result. Generation and scoring are `posttrain.eval.evaluate.evaluate_details`, the code
+that produces the before/after numbers of a training run.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import Config, load_config, replace
-from posttrain.eval import EvalDetails, eval_settings, evaluate_details, summarize
-from posttrain.evalmath import mean_pass_at_k, seed_stats
+from posttrain.eval.evaluate import EvalDetails, eval_settings, evaluate_details, summarize
+from posttrain.eval.statistics import mean_pass_at_k, seed_stats
 
 
 def split_args(extra: list[str]) -> tuple[str | None, list[str]]:
@@ -144,7 +144,8 @@ def run_eval(
     cfg = load_config(recipe, overrides)
     path = resolve_model_path(model, "checkpoint")
     cfg = replace(cfg, model={"path": path})
-    from posttrain.algorithms import load_eval_rows, make_rollout_engine
+    from posttrain.data.splits import load_eval_rows
+    from posttrain.rollout.factory import make_rollout_engine
 
     rows = load_eval_rows(cfg)[: cfg.eval.num_problems]
     tokenizer = load_tokenizer(path)

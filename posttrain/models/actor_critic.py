@@ -11,8 +11,8 @@ learning rate), and gradient clipping (`optim.max_grad_norm`) applies to their *
 - `shared`: a linear value head on the policy's last hidden state (one backbone for both).
 
 Weight sync and `save_pretrained` export only the policy (`export_module`, `export_state_dict`,
-used by `posttrain.checkpoint`); the DeepSpeed engine state in every checkpoint holds both, so a
-run resumes with its critic.
+used by `posttrain.runtime.checkpoint`); the DeepSpeed engine state in every checkpoint holds
+both, so a run resumes with its critic.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from posttrain.models.loading import load_policy
+from posttrain.models.reward_model import load_reward_model
 
 POLICY_PREFIX = "policy."
 
@@ -142,9 +145,7 @@ def load_actor_critic(
         cfg: the run Config (`ppo.value_head`, `critic_path`, `critic_lr_multiplier`); None =
             defaults.
     """
-    from posttrain.algorithms.reward_model import load_reward_model
     from posttrain.config import PPOConfig
-    from posttrain.models import load_policy
 
     p = cfg.ppo if cfg is not None else PPOConfig()
     policy = load_policy(

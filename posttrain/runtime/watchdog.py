@@ -31,7 +31,7 @@ _REPORTED_ELSEWHERE = (RolloutError, ConfigError, KeyboardInterrupt, SystemExit)
 
 def resume_hint(checkpoints: Path) -> str:
     """Where to continue from: the newest complete checkpoint under `checkpoints`, as a sentence."""
-    from posttrain import checkpoint  # torch: imported by then in a training process
+    from posttrain.runtime import checkpoint  # torch: imported by then in a training process
 
     try:
         found = checkpoint.latest(checkpoints)

@@ -1,7 +1,7 @@
 """Prompts -> rollout engine -> rewards -> scored groups, plus weight sync and evaluation.
 
-Shared by every algorithm that samples (GRPO family now, PPO later). Every rank gets the same
-full batch from the same seeds (the `hf` engine generates all of it on every rank; multi-rank
+Shared by every algorithm that samples (GRPO family, REBEL, PPO, online DPO). Every rank gets the
+same full batch from the same seeds (the `hf` engine generates all of it on every rank; multi-rank
 vLLM samples a block of prompts per rank and all-gathers, `posttrain/rollout/sharded.py`) and
 trains on its own shard, so a 2-rank run sees exactly the data of a 1-rank run.
 """
@@ -15,16 +15,15 @@ from typing import Any
 import torch
 
 from posttrain import advantages as adv_fn
-from posttrain import distributed as dist
-from posttrain import losses
-from posttrain.algorithms.base import chunk_indices, pad_right
 from posttrain.config import Config
 from posttrain.data.chat import encode_prompts
 from posttrain.data.curriculum import PromptSchedule, load_stage_rows
 from posttrain.errors import ConfigError
-from posttrain.eval import evaluate
+from posttrain.eval.evaluate import evaluate
+from posttrain.models.forward import completion_entropy
 from posttrain.rollout.engine import Rollout, SamplingConfig
-from posttrain.weight_sync import push_adapter, push_weights
+from posttrain.runtime import distributed as dist
+from posttrain.runtime.weight_sync import push_adapter, push_weights
 from rewards import RewardSpec, score
 from rewards.boundary import reward_metrics
 from rewards.registry import TOKEN_ENTROPY, required_columns
@@ -43,137 +42,6 @@ class Sample:
     rollout: Rollout
     reward: float | None
     valid: bool
-
-
-def by_length(samples: list[Sample], indices: list[int]) -> list[int]:
-    """`indices` ordered by sequence length (prompt + completion), longest first.
-
-    Consecutive micro-batches then hold sequences of similar length, so little of each is padding
-    (measured on the bench shape: 9.7k -> ~5k padded tokens per step at micro-batch 16). The order
-    of samples within a step changes no gradient: every denominator is global over the step.
-    """
-
-    def length(i: int) -> int:
-        return len(samples[i].rollout.prompt_ids) + len(samples[i].rollout.completion_ids)
-
-    return sorted(indices, key=lambda i: -length(i))
-
-
-def sequences_to_tensors(
-    samples: list[Sample], advantages: torch.Tensor, pad_id: int
-) -> dict[str, torch.Tensor]:
-    """Right-padded training tensors for a list of samples.
-
-    Args:
-        samples: N scored samples.
-        advantages: [N] sequence advantages, broadcast to every completion token.
-        pad_id: token id used for padding.
-
-    Returns:
-        input_ids, attention_mask: [N, L] (prompt + completion);
-        mask, adv, logp_roll: [N, L-1], aligned with next-token targets `input_ids[:, 1:]`.
-    """
-    ids = [s.rollout.prompt_ids + s.rollout.completion_ids for s in samples]
-    input_ids = pad_right(ids, pad_id, torch.long)
-    attention_mask = pad_right([[1] * len(x) for x in ids], 0, torch.long)
-    width = input_ids.shape[1] - 1
-    mask = torch.zeros(len(samples), max(width, 1))
-    adv = torch.zeros_like(mask)
-    logp_roll = torch.zeros_like(mask)
-    for i, s in enumerate(samples):
-        start, n = len(s.rollout.prompt_ids) - 1, len(s.rollout.completion_ids)
-        if s.valid and n:
-            mask[i, start : start + n] = 1.0
-        adv[i, start : start + n] = float(advantages[i])
-        logp_roll[i, start : start + n] = torch.tensor(s.rollout.logprobs[:n], dtype=torch.float)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "mask": mask,
-        "adv": adv,
-        "logp_roll": logp_roll,
-    }
-
-
-@torch.no_grad()
-def policy_token_stats(
-    model: Any,
-    t: dict[str, torch.Tensor],
-    temperature: float,
-    micro_size: int,
-    ref_model: Any | None = None,
-) -> dict[str, torch.Tensor]:
-    """Per-token log-probs and entropies of the current policy (and the reference), without grad.
-
-    Args:
-        model: the trained policy (DeepSpeed engine or causal LM), as it is now.
-        t: `input_ids`, `attention_mask` [N, L].
-        temperature: the sampler's temperature (logits are divided by it).
-        micro_size: rows per forward pass.
-        ref_model: frozen reference model, or None.
-
-    Returns:
-        `logp_old`, `entropy_old` (and `logp_ref` with a reference): [N, L-1] float32 on the CPU,
-        aligned with the next-token targets `input_ids[:, 1:]`.
-    """
-    device = dist.device()
-    olds, ents, refs = [], [], []
-    for idx in chunk_indices(t["input_ids"].shape[0], micro_size):
-        ids, att = t["input_ids"][idx].to(device), t["attention_mask"][idx].to(device)
-        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
-        olds.append(losses.token_logprobs(logits, ids[:, 1:], temperature).cpu())
-        ents.append(losses.token_entropy(logits, temperature).cpu())
-        if ref_model is not None:
-            ref_logits = ref_model(input_ids=ids, attention_mask=att).logits[:, :-1]
-            refs.append(losses.token_logprobs(ref_logits, ids[:, 1:], temperature).cpu())
-    out = {"logp_old": torch.cat(olds), "entropy_old": torch.cat(ents)}
-    if refs:
-        out["logp_ref"] = torch.cat(refs)
-    return out
-
-
-def completion_entropy(
-    model: Any, rollouts: list[Rollout], pad_id: int, temperature: float, micro_size: int
-) -> list[float | None]:
-    """Each completion's mean token entropy under the current policy (RENT), without grad.
-
-    Args:
-        model: the trained policy at the start of the step (the `logp_old` policy).
-        rollouts: N sampled completions.
-        pad_id: padding token id.
-        temperature: the sampler's temperature.
-        micro_size: rows per forward pass.
-
-    Returns:
-        [N] mean_t H_{i,t} over the completion tokens (the distributions each completion token was
-        sampled from); None for an empty completion.
-    """
-    ids = [r.prompt_ids + r.completion_ids for r in rollouts]
-    t = {
-        "input_ids": pad_right(ids, pad_id, torch.long),
-        "attention_mask": pad_right([[1] * len(x) for x in ids], 0, torch.long),
-    }
-    entropy = policy_token_stats(model, t, temperature, micro_size)["entropy_old"]  # [N, L-1]
-    out: list[float | None] = []
-    for i, r in enumerate(rollouts):
-        start, n = len(r.prompt_ids) - 1, len(r.completion_ids)
-        out.append(float(entropy[i, start : start + n].mean()) if n else None)
-    return out
-
-
-def check_on_policy(groups: list[list[Sample]], version: int) -> None:
-    """Raise unless every sample was drawn with the trainer's current weights (`version`).
-
-    Raises:
-        RuntimeError: naming the stale weight versions found.
-    """
-    stale = sorted({s.rollout.weight_version for g in groups for s in g} - {version})
-    if stale:
-        raise RuntimeError(
-            f"advantage.estimator=opo trains exactly on-policy, but rollouts were sampled with "
-            f"weight version(s) {stale} while the trainer's weights are version {version}; the "
-            "rollout engine must receive the trainer's weights after every optimizer step"
-        )
 
 
 class RolloutSource:
@@ -342,7 +210,7 @@ class RolloutSource:
     def sync_weights(self, model: Any, version: int) -> dict[str, float]:
         """Stream the trainer's current weights into the rollout engine (every rank calls this).
 
-        ZeRO-3 parameters are gathered a bounded bucket at a time (`posttrain.weight_sync`);
+        ZeRO-3 parameters are gathered a bounded bucket at a time (`posttrain.runtime.weight_sync`);
         with `model.lora.sync: adapter` only the LoRA matrices are gathered and sent.
         """
         if self.cfg.model.lora.sync == "adapter":
@@ -364,40 +232,6 @@ class RolloutSource:
         """Restore position and version."""
         self.stream.load_state_dict(state["stream"])
         self.weight_version = int(state["weight_version"])
-
-
-class OnlineAlgorithm:
-    """What every rollout-driven algorithm (GRPO family, REBEL, PPO) shares: its `RolloutSource`.
-
-    Subclasses add `make_batch` and `loss`; weight sync, evaluation and resumable state go through
-    the source here. One level of inheritance, no deeper.
-
-    Args:
-        cfg: run config.
-        source: prompts + rollout engine + rewards (shared with evaluation).
-        ref_model: frozen reference for the KL term, or None when it is not needed.
-    """
-
-    def __init__(self, cfg: Any, source: RolloutSource, ref_model: Any | None = None) -> None:
-        self.cfg = cfg
-        self.source = source
-        self.ref_model = ref_model
-
-    def after_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        """Push the new policy weights into the rollout engine (version = optimizer steps)."""
-        return self.source.sync_weights(model, step)
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Held-out accuracy with the current rollout weights."""
-        return self.source.evaluate()
-
-    def state_dict(self) -> dict[str, Any]:
-        """Data position and weight version."""
-        return self.source.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()`."""
-        self.source.load_state_dict(state)
 
 
 def _informative(group: list[Sample]) -> bool:

@@ -1,7 +1,7 @@
 """User DeepSpeed JSON (`train.deepspeed_config`) merged over the config posttrain generates.
 
-posttrain drives DeepSpeed itself (`posttrain.distributed.deepspeed_config` builds the config
-from the run's own keys). A JSON file such as `launch/deepspeed/zero3_offload.json` adds what
+posttrain drives DeepSpeed itself (`posttrain.runtime.distributed.deepspeed_config` builds the
+config from the run's own keys). A JSON file such as `launch/deepspeed/zero3_offload.json` adds what
 posttrain does not set (offload, bucket sizes, overlap, ...). Keys posttrain derives from its own
 config must be absent, `"auto"`, or equal to posttrain's value; anything else is a ConfigError
 naming the key and the posttrain setting to change instead:
@@ -143,7 +143,7 @@ def check_conflicts(base: dict[str, Any], user: dict[str, Any], where: str = "")
     """Raise ConfigError for unknown top-level keys or settings that contradict `base`.
 
     Args:
-        base: the config posttrain generated (`posttrain.distributed.deepspeed_config`).
+        base: the config posttrain generated (`posttrain.runtime.distributed.deepspeed_config`).
         user: the user's JSON object.
         where: the file name, for messages.
     """
@@ -207,7 +207,7 @@ def apply_user_config(ds_config: dict[str, Any], path: str | Path | None) -> dic
 
 def check_user_config(cfg: Any) -> None:
     """Config-time check of `cfg.train.deepspeed_config` against the run's own settings."""
-    from posttrain.distributed import deepspeed_config
+    from posttrain.runtime.distributed import deepspeed_config
 
     base = deepspeed_config(
         zero_stage=cfg.train.zero_stage,

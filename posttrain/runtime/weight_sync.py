@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from posttrain import lora
+from posttrain.runtime import lora
 
 # 2**27 elements: 256 MiB of bf16 (a 7B model's decoder layer is ~0.2e9 elements: about one).
 DEFAULT_BUCKET_NUMEL = 1 << 27

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from posttrain import distributed as dist
-from posttrain import lora
+from posttrain.runtime import distributed as dist
+from posttrain.runtime import lora
 
 STATE_FILE = "trainer_state.json"
 
@@ -64,8 +64,8 @@ def full_state_dict(
     """The model's full (un-sharded) state dict on CPU; gathers ZeRO-3 partitions.
 
     For a peft (LoRA) model, `merge_lora=True` returns the merged weights under the base model's
-    names (`posttrain.lora.merge_lora_state_dict`; the model is not modified); False returns the
-    peft model's own state dict (base weights + adapter tensors).
+    names (`posttrain.runtime.lora.merge_lora_state_dict`; the model is not modified); False
+    returns the peft model's own state dict (base weights + adapter tensors).
     A module that trains more than it exports (PPO's `ActorCritic`: policy + critic) defines
     `export_state_dict(full)`; with `export=True` only that part (the policy, under its own
     names) is returned, for weight sync and `save_pretrained`.

@@ -1,0 +1,122 @@
+"""What every rollout-driven algorithm (GRPO family, REBEL, PPO, online DPO) shares: its
+`RolloutSource` (weight sync, evaluation, resumable position) and the step's samples as tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from posttrain.config import Config
+from posttrain.data.tensors import pad_right
+from posttrain.models import load_reference
+from posttrain.rollout.source import RolloutSource, Sample
+from posttrain.runtime import distributed as dist
+
+
+def by_length(samples: list[Sample], indices: list[int]) -> list[int]:
+    """`indices` ordered by sequence length (prompt + completion), longest first.
+
+    Consecutive micro-batches then hold sequences of similar length, so little of each is padding
+    (measured on the bench shape: 9.7k -> ~5k padded tokens per step at micro-batch 16). The order
+    of samples within a step changes no gradient: every denominator is global over the step.
+    """
+
+    def length(i: int) -> int:
+        return len(samples[i].rollout.prompt_ids) + len(samples[i].rollout.completion_ids)
+
+    return sorted(indices, key=lambda i: -length(i))
+
+
+def sequences_to_tensors(
+    samples: list[Sample], advantages: torch.Tensor, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded training tensors for a list of samples.
+
+    Args:
+        samples: N scored samples.
+        advantages: [N] sequence advantages, broadcast to every completion token.
+        pad_id: token id used for padding.
+
+    Returns:
+        input_ids, attention_mask: [N, L] (prompt + completion);
+        mask, adv, logp_roll: [N, L-1], aligned with next-token targets `input_ids[:, 1:]`.
+    """
+    ids = [s.rollout.prompt_ids + s.rollout.completion_ids for s in samples]
+    input_ids = pad_right(ids, pad_id, torch.long)
+    attention_mask = pad_right([[1] * len(x) for x in ids], 0, torch.long)
+    width = input_ids.shape[1] - 1
+    mask = torch.zeros(len(samples), max(width, 1))
+    adv = torch.zeros_like(mask)
+    logp_roll = torch.zeros_like(mask)
+    for i, s in enumerate(samples):
+        start, n = len(s.rollout.prompt_ids) - 1, len(s.rollout.completion_ids)
+        if s.valid and n:
+            mask[i, start : start + n] = 1.0
+        adv[i, start : start + n] = float(advantages[i])
+        logp_roll[i, start : start + n] = torch.tensor(s.rollout.logprobs[:n], dtype=torch.float)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mask": mask,
+        "adv": adv,
+        "logp_roll": logp_roll,
+    }
+
+
+def check_on_policy(groups: list[list[Sample]], version: int) -> None:
+    """Raise unless every sample was drawn with the trainer's current weights (`version`).
+
+    Raises:
+        RuntimeError: naming the stale weight versions found.
+    """
+    stale = sorted({s.rollout.weight_version for g in groups for s in g} - {version})
+    if stale:
+        raise RuntimeError(
+            f"advantage.estimator=opo trains exactly on-policy, but rollouts were sampled with "
+            f"weight version(s) {stale} while the trainer's weights are version {version}; the "
+            "rollout engine must receive the trainer's weights after every optimizer step"
+        )
+
+
+class OnlineAlgorithm:
+    """What every rollout-driven algorithm (GRPO family, REBEL, PPO) shares: its `RolloutSource`.
+
+    Subclasses add `make_batch` and `loss`; weight sync, evaluation and resumable state go through
+    the source here. One level of inheritance, no deeper.
+
+    Args:
+        cfg: run config.
+        source: prompts + rollout engine + rewards (shared with evaluation).
+        ref_model: frozen reference for the KL term, or None when it is not needed.
+    """
+
+    rolls_out = True
+    evaluates = True
+
+    def __init__(self, cfg: Any, source: RolloutSource, ref_model: Any | None = None) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.ref_model = ref_model
+
+    def after_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Push the new policy weights into the rollout engine (version = optimizer steps)."""
+        return self.source.sync_weights(model, step)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out accuracy with the current rollout weights."""
+        return self.source.evaluate()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position and weight version."""
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`."""
+        self.source.load_state_dict(state)
+
+
+def frozen_reference(cfg: Config, model_path: str) -> Any:
+    """The frozen reference policy (`model.ref_path`, else the starting model) on this device."""
+    ref = load_reference(cfg.model.ref_path or model_path, dtype=cfg.model.dtype)
+    return ref.to(dist.device())

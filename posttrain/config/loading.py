@@ -1,0 +1,192 @@
+"""Loading a Config: YAML plus dotted CLI overrides, typed and validated.
+
+Every key has a type and a default. An unknown key is an error that names the closest valid key;
+a wrong type or an impossible value is one line naming the field and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from posttrain.config.checks import validate
+from posttrain.config.schema import Config
+from posttrain.errors import ConfigError, did_you_mean
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        (item_tp, *_rest) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'{did_you_mean(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn `["a.b=1", "c=x"]` into a nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.subkey=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a Config from a plain (YAML-shaped) dict."""
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe, apply `a.b=value` overrides and validate.
+
+    Args:
+        path: a YAML file, or None for all defaults.
+        overrides: dotted `key=value` strings (values parsed as YAML).
+
+    Raises:
+        ConfigError: unknown key (naming the closest valid one), wrong type or impossible value.
+    """
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-dict form of a config (for logging and checkpoints)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple | list):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """Return a copy of `cfg` with some fields of some sections changed, validated."""
+    data = to_dict(cfg)
+    return config_from_dict(_merge(data, sections))
+
+
+# What an SFT run reads; the SFT warm-up of an RL run inherits these sections and nothing else
+WARMUP_INHERITS = ("model", "data", "optim", "train", "sft", "log")
+
+
+def warmup_config(cfg: Config, model_path: str, output_dir: str) -> Config:
+    """The SFT warm-up run of `cfg`: `warmup.*` steps of SFT from `model_path` into `output_dir`.
+
+    It inherits the sections an SFT run reads (WARMUP_INHERITS); every other section (the RL
+    algorithm's advantage, KL, PPO, rollout, rewards, eval...) is at its defaults.
+    """
+    w = cfg.warmup
+    data = {name: to_dict(getattr(cfg, name)) for name in WARMUP_INHERITS}
+    changes = {
+        "model": {"path": model_path},
+        "train": {
+            "algorithm": "sft",
+            "steps": w.steps,
+            "output_dir": output_dir,
+            "save_every": 0,
+            "eval_every": 0,
+            "resume": None,
+            "sft_batch_size": w.batch_size,
+        },
+        "optim": {"lr": w.lr, "warmup_steps": w.warmup_steps},
+    }
+    return config_from_dict(_merge(data, changes))

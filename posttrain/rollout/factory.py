@@ -1,0 +1,103 @@
+"""Building a run's rollout side from its Config: the engine (in-process vLLM, one replica per
+rank, vLLM servers or transformers) and the `RolloutSource` (prompts, checked rewards, engine;
+wrapped for async prefetch when `rollout.max_staleness > 0`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import Config
+from posttrain.data.curriculum import load_stage_rows
+from posttrain.data.splits import load_train_eval_rows
+from posttrain.errors import ConfigError
+from posttrain.models import load_policy
+from posttrain.rollout import make_engine
+from posttrain.rollout.async_source import AsyncRolloutSource
+from posttrain.rollout.server_ranks import make_server_engine
+from posttrain.rollout.sharded import ShardedEngine, make_vllm_replica
+from posttrain.rollout.source import RolloutSource
+from posttrain.runtime import distributed as dist
+from rewards.registry import TOKEN_ENTROPY
+from rewards.startup import validate_rewards
+
+
+def check_rewards(cfg: Config, rows: list[dict]) -> None:
+    """Fail before training on any reward problem (name, column, kwarg, rubric, judge server)."""
+    col = cfg.data.prompt_column
+    columns = {k: [row.get(k) for row in rows] for k in (rows[0] if rows else {}) if k != col}
+    # The sampling algorithms compute the policy's token entropy for rewards that need it (RENT).
+    supplied = (TOKEN_ENTROPY,) if cfg.train.algorithm in ("grpo", "rebel", "online_dpo") else ()
+    try:
+        validate_rewards(cfg.rewards, columns, model_columns=supplied)
+    except ValueError as err:
+        raise ConfigError(f"rewards: {err}") from None
+
+
+def make_rollout_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
+    """The configured rollout engine on `model_path` (vLLM in-process, or transformers)."""
+    r = cfg.rollout
+    if r.engine == "vllm":
+        kw: dict[str, Any] = {
+            "max_model_len": cfg.data.max_prompt_tokens + r.max_new_tokens,
+            "seed": cfg.train.seed,
+            "kv_cache_gib": r.kv_cache_gib,
+            "gpu_memory_utilization": r.gpu_memory_utilization,
+            "sleep_level": r.sleep_level,
+            "max_concurrent_seqs": max(
+                1, r.prompts_per_step * r.samples_per_prompt // dist.world_size()
+            ),
+        }
+        if cfg.model.lora.sync == "adapter":  # serve the trained LoRA adapter, not merged weights
+            kw["lora_rank"] = cfg.model.lora.r
+            kw["lora_targets"] = cfg.model.lora.target_modules
+        if dist.world_size() == 1:
+            return make_engine("vllm", model_path, **kw)
+        # One colocated vLLM replica per rank; each samples a block of the step's prompts with
+        # per-prompt seeds and the rollouts are all-gathered (posttrain/rollout/sharded.py).
+        # The engine seed only matters for unseeded sampling: replicas must not repeat it.
+        kw["seed"] = cfg.train.seed + dist.rank()
+        replica = make_vllm_replica(model_path, **kw)
+        return ShardedEngine(replica, dist.rank(), dist.world_size(), dist.all_gather_object)
+    if r.engine == "server":
+        return _make_server_engine(cfg, model_path, tokenizer)
+    model = load_policy(model_path, dtype=cfg.model.dtype).to(dist.device())
+    return make_engine("hf", model_path, model=model, tokenizer=tokenizer)
+
+
+def _make_server_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
+    """`rollout.engine=server`: vLLM server process(es) at `rollout.server_url`.
+
+    The servers are reloaded from `model_path` (a local directory) so that version 0 is the
+    run's starting point, whatever an earlier run left in them. With several ranks each samples
+    its block of the prompts and rank 0 alone pushes weights (posttrain/rollout/server_ranks.py).
+    """
+    r = cfg.rollout
+    weights_dir = r.server_weights_dir or str(Path(cfg.train.output_dir) / "rollout-weights")
+    return make_server_engine(
+        r.server_url,
+        model_path=model_path,
+        rank=dist.rank(),
+        world=dist.world_size(),
+        weights_dir=weights_dir,
+        timeout_s=r.server_timeout_s,
+        tokenizer=tokenizer,
+        weight_transfer=r.server_weight_transfer,
+        nccl_address=r.server_nccl_address,
+        nccl_port=r.server_nccl_port,
+    )
+
+
+def make_rollout_source(
+    cfg: Config, model_path: str, tokenizer: Any
+) -> RolloutSource | AsyncRolloutSource:
+    """Prompts (and curriculum stages), checked rewards and a rollout engine: a RolloutSource."""
+    train, held = load_train_eval_rows(cfg)
+    stages = load_stage_rows(cfg)  # SRPO curriculum: [] without data.stages
+    for rows in stages or [train]:
+        check_rewards(cfg, rows)
+    rollout = make_rollout_engine(cfg, model_path, tokenizer)
+    source = RolloutSource(cfg, tokenizer, rollout, train, held, stages)
+    if cfg.rollout.max_staleness > 0:  # generate step n+1 while step n trains
+        return AsyncRolloutSource(source, cfg.rollout.max_staleness, cfg.train.steps)
+    return source
