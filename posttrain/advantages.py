@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from posttrain.errors import ConfigError
-
 SEQUENCE_ESTIMATORS = ("grpo", "dr_grpo", "batch_std", "rloo", "reinforce_pp", "opo")
+# every `advantage.estimator`: the sequence-level ones, and per-token GAE (PPO, `gae()`)
+ESTIMATORS = (*SEQUENCE_ESTIMATORS, "gae")
 
 
 def _out_dtype(x: Tensor) -> torch.dtype:
@@ -72,8 +72,8 @@ def sequence_advantages(
         [P, G] advantages (broadcast to tokens with `broadcast_to_tokens`).
     """
     if estimator not in SEQUENCE_ESTIMATORS:
-        raise ConfigError(
-            f"advantage.estimator={estimator!r} is not valid; choose one of "
+        raise ValueError(
+            f"estimator={estimator!r} is not valid; choose one of "
             f"{', '.join(SEQUENCE_ESTIMATORS)} (gae is computed per token by gae())"
         )
     if rewards.dim() != 2 or valid.shape != rewards.shape:
@@ -148,7 +148,7 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:
         [N] float32 penalties in [-1, 0].
     """
     if not 0 <= buffer <= max_len:
-        raise ConfigError(f"rollout.overlong_buffer must be in [0, {max_len}], got {buffer}")
+        raise ValueError(f"buffer must be in [0, max_len={max_len}], got {buffer}")
     y = lengths.to(torch.float32)
     start = float(max_len - buffer)
     soft = (start - y) / max(buffer, 1)

@@ -26,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from posttrain.errors import ConfigError
-
 AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 RATIO_LEVELS = ("token", "sequence")
@@ -38,9 +36,10 @@ PREFERENCE_KINDS = ("sigmoid", "robust", "ipo", "hinge", "simpo", "length_normal
 _MAX_LOG_RATIO = 20.0
 
 
-def _check_choice(value: str, choices: tuple[str, ...], field: str) -> None:
+def _check_choice(value: str, choices: tuple[str, ...], argument: str) -> None:
+    """Raise ValueError naming `argument` unless `value` is one of `choices`."""
     if value not in choices:
-        raise ConfigError(f"{field}={value!r} is not valid; choose one of {', '.join(choices)}")
+        raise ValueError(f"{argument}={value!r} is not valid; choose one of {', '.join(choices)}")
 
 
 def _masked(x: Tensor, mask: Tensor) -> Tensor:
@@ -128,7 +127,7 @@ def policy_loss(
         stats: `ratio` [B, T] (detached ratio used), `clipped` [B, T] bool (masked tokens where the
         clipped branch was strictly larger, i.e. chosen), `dual_clipped` [B, T] bool.
     """
-    _check_choice(ratio_level, RATIO_LEVELS, "loss.ratio_level")
+    _check_choice(ratio_level, RATIO_LEVELS, "ratio_level")
     m = mask.bool()
     log_ratio = _masked(logp.float() - logp_old.float(), m)
     if ratio_level == "sequence":
@@ -143,7 +142,7 @@ def policy_loss(
     dual_clipped = torch.zeros_like(m)
     if dual_clip_c is not None:
         if dual_clip_c <= 1:
-            raise ConfigError(f"loss.dual_clip_c must be > 1, got {dual_clip_c}")
+            raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
         cap = -dual_clip_c * adv
         dual_clipped = (adv < 0) & (loss > cap) & m
         loss = torch.where(adv < 0, torch.minimum(loss, cap), loss)
@@ -194,7 +193,7 @@ def kl_estimate(logp: Tensor, logp_ref: Tensor, estimator: str = "k3") -> Tensor
     Returns:
         [B, T] float32 (unmasked; aggregate() applies the mask).
     """
-    _check_choice(estimator, KL_ESTIMATORS, "kl.estimator")
+    _check_choice(estimator, KL_ESTIMATORS, "estimator")
     d = logp.float() - logp_ref.float()
     if estimator == "k1":
         return d
@@ -217,7 +216,7 @@ def aggregation_denominator(mask: Tensor | list[Tensor], mode: str) -> float:
     Returns:
         The denominator as a float (all-reduce-sum it across ranks before use).
     """
-    _check_choice(mode, AGGREGATION_MODES, "loss.aggregation")
+    _check_choice(mode, AGGREGATION_MODES, "mode")
     masks = mask if isinstance(mask, (list, tuple)) else [mask]
     total = 0.0
     for mk in masks:
@@ -250,7 +249,7 @@ def aggregate(
         Scalar tensor; summing it over all micro-batches gives the step loss. 0 (with grad graph)
         if denominator <= 0.
     """
-    _check_choice(mode, AGGREGATION_MODES, "loss.aggregation")
+    _check_choice(mode, AGGREGATION_MODES, "mode")
     m = mask.bool()
     masked = _masked(loss_tok, m)
     if denominator <= 0:
@@ -348,11 +347,11 @@ def preference_loss(
         log-probs the loss used; beta * pi / |y| for simpo), `margin` (chosen - rejected),
         `accuracy` (1.0 where chosen reward > rejected reward).
     """
-    _check_choice(kind, PREFERENCE_KINDS, "dpo.loss")
+    _check_choice(kind, PREFERENCE_KINDS, "kind")
     if not 0.0 <= label_smoothing < 0.5:
-        raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if label_smoothing and kind in ("ipo", "hinge"):
-        raise ConfigError(f"dpo.label_smoothing is not used by dpo.loss={kind}; set it to 0")
+        raise ValueError(f"label_smoothing is not used by kind={kind!r}; pass 0")
     pw, pl = pi_w.float(), pi_l.float()
     if kind in ("ipo", "simpo", "length_normalized"):
         if len_w is None or len_l is None:

@@ -310,7 +310,9 @@ def _validate_lora_deepspeed(cfg: Config) -> None:
 
 # vLLM serves LoRA on linear layers only (no LoRA embeddings / LM head for decoder LMs).
 VLLM_LORA_UNSUPPORTED = ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out")
-VLLM_MAX_LORA_RANK = 512
+# vLLM's allowed `max_lora_rank` values (vllm.config.lora.MaxLoRARanks); rollout/vllm_local.py
+# picks the smallest that holds model.lora.r
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def _validate_lora_adapter_sync(cfg: Config) -> None:
@@ -322,8 +324,8 @@ def _validate_lora_adapter_sync(cfg: Config) -> None:
         "use model.lora.sync=merged for full fine-tuning",
     )
     _check(
-        lora.r <= VLLM_MAX_LORA_RANK,
-        f"model.lora.sync=adapter: vLLM serves LoRA ranks up to {VLLM_MAX_LORA_RANK}, "
+        lora.r <= VLLM_LORA_RANKS[-1],
+        f"model.lora.sync=adapter: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}, "
         f"model.lora.r={lora.r}",
     )
     _check(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from posttrain import advantages, losses
+
 
 @dataclass(frozen=True)
 class LoRAConfig:
@@ -320,6 +322,9 @@ class LogConfig:
     project: str = "posttrain"
     run_name: str | None = None
     progress: bool = True
+    # third-party logs (vLLM, DeepSpeed, transformers, Triton) go to <output_dir>/third_party.log;
+    # true also shows them on the console
+    verbose: bool = False
 
 
 @dataclass(frozen=True)
@@ -346,19 +351,22 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+# The valid values of every string option. Names the math defines come from its registries (the
+# pure modules below config); the rest are named here once, and tests/unit/test_layout.py proves
+# they equal the registries above the config layer (algorithms, engines, tiny sizes).
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.wrong_answers": ("plausible", "uniform", "mixed"),
     "model.tiny_size": ("tiny", "bench"),
     "rollout.engine": ("vllm", "hf", "server"),
     "rollout.server_weight_transfer": ("file", "nccl"),
-    "advantage.estimator": ("grpo", "dr_grpo", "batch_std", "rloo", "reinforce_pp", "opo", "gae"),
-    "loss.ratio_level": ("token", "sequence"),
-    "loss.aggregation": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
-    "kl.estimator": ("k1", "k2", "k3"),
+    "advantage.estimator": advantages.ESTIMATORS,
+    "loss.ratio_level": losses.RATIO_LEVELS,
+    "loss.aggregation": losses.AGGREGATION_MODES,
+    "kl.estimator": losses.KL_ESTIMATORS,
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.algorithm": ("grpo", "sft", "dpo", "reward_model", "ppo", "rebel", "online_dpo"),
-    "dpo.loss": ("sigmoid", "robust", "ipo", "hinge", "simpo", "length_normalized"),
+    "dpo.loss": losses.PREFERENCE_KINDS,
     "dpo.bad_rows": ("drop", "error"),
     "reward_model.bad_rows": ("drop", "error"),
     "ppo.value_head": ("separate", "shared"),

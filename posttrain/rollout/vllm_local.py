@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from posttrain.config.checks import VLLM_LORA_RANKS
 from posttrain.errors import ConfigError
 from posttrain.models import resolve_model_path
 from posttrain.rollout.engine import Rollout, SamplingConfig, check_sampling
@@ -64,8 +65,6 @@ def _detached(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tup
 
 CPU_MAX_BATCHED_TOKENS = 131072
 CPU_MAX_SEQS = 1024
-# vLLM's allowed `max_lora_rank` values (vllm.config.lora.MaxLoRARanks).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def vllm_lora_rank(r: int) -> int:
