@@ -55,22 +55,7 @@ def validate(cfg: Config) -> None:
     _validate_rollout_memory(cfg)
     _check(r.temperature > 0, "rollout.temperature must be > 0 (use eval for greedy decoding)")
     _check(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
-    _check(t.steps >= 0, "train.steps must be >= 0")
-    _check(t.micro_batch_size_per_device >= 1, "train.micro_batch_size_per_device must be >= 1")
-    _check(t.updates_per_batch >= 1, "train.updates_per_batch must be >= 1")
-    _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
-    _check(t.dist_timeout_s > 0, "train.dist_timeout_s must be > 0 (seconds)")
-    _check(t.save_every >= 0, "train.save_every must be >= 0 (steps; 0 = only the final)")
-    _check(t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 = keep all)")
-    _check(t.phase_timeout_s >= 0, "train.phase_timeout_s must be >= 0 (seconds; 0 = no limit)")
-    _check(
-        not t.offload_optimizer or t.zero_stage >= 1,
-        f"train.offload_optimizer needs train.zero_stage 1, 2 or 3 (got {t.zero_stage})",
-    )
-    _check(
-        not t.offload_params or t.zero_stage == 3,
-        f"train.offload_params needs train.zero_stage=3 (got {t.zero_stage})",
-    )
+    _validate_train(cfg)
     _check(cfg.loss.clip_low >= 0 and cfg.loss.clip_high >= 0, "loss.clip_low/clip_high >= 0")
     _check(cfg.loss.clip_low < 1, "loss.clip_low must be < 1")
     if cfg.loss.dual_clip_c is not None:
@@ -99,6 +84,27 @@ def validate(cfg: Config) -> None:
             f"model.path: directory {cfg.model.path} does not exist (use 'tiny' for the "
             "built-in model, a local directory or a hub name)",
         )
+
+
+def _validate_train(cfg: Config) -> None:
+    """The loop's own keys: steps, batch shape, ZeRO stage and offload, timeouts, checkpoints."""
+    t = cfg.train
+    _check(t.steps >= 0, "train.steps must be >= 0")
+    _check(t.micro_batch_size_per_device >= 1, "train.micro_batch_size_per_device must be >= 1")
+    _check(t.updates_per_batch >= 1, "train.updates_per_batch must be >= 1")
+    _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
+    _check(t.dist_timeout_s > 0, "train.dist_timeout_s must be > 0 (seconds)")
+    _check(t.save_every >= 0, "train.save_every must be >= 0 (steps; 0 = only the final)")
+    _check(t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 = keep all)")
+    _check(t.phase_timeout_s >= 0, "train.phase_timeout_s must be >= 0 (seconds; 0 = no limit)")
+    _check(
+        not t.offload_optimizer or t.zero_stage >= 1,
+        f"train.offload_optimizer needs train.zero_stage 1, 2 or 3 (got {t.zero_stage})",
+    )
+    _check(
+        not t.offload_params or t.zero_stage == 3,
+        f"train.offload_params needs train.zero_stage=3 (got {t.zero_stage})",
+    )
 
 
 def _validate_rollout_memory(cfg: Config) -> None:
@@ -220,6 +226,12 @@ def _validate_sft_dpo_rm(cfg: Config) -> None:
     _check(d.beta > 0, "dpo.beta must be > 0 (e.g. 0.1)")
     _check(0 <= d.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)")
     if d.label_smoothing:
+        _check(
+            d.loss != "sigmoid",
+            f"dpo.label_smoothing={d.label_smoothing} with dpo.loss=sigmoid: label-smoothed "
+            "sigmoid DPO is dpo.loss=cdpo (or dpo.loss=robust for the unbiased loss under "
+            "label flips); set dpo.loss=cdpo or dpo.label_smoothing=0",
+        )
         _check(
             d.loss not in ("ipo", "hinge"),
             f"dpo.label_smoothing is not used by dpo.loss={d.loss}; set it to 0",

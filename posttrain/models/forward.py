@@ -1,5 +1,5 @@
-"""No-grad forward passes of the policy: per-token log-probs and entropies (for logp_old,
-the reference's logp_ref, and the RENT entropy column)."""
+"""No-grad forward passes of the policy: per-token log-probs and entropies (logp_old, the
+reference's logp_ref, and the token entropies of the RENT reward column)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any
 import torch
 
 from posttrain import losses
-from posttrain.data.tensors import chunk_indices, pad_right
-from posttrain.rollout.engine import Rollout
+from posttrain.data.tensors import chunk_indices
 from posttrain.runtime import distributed as dist
 
 
@@ -47,33 +46,4 @@ def policy_token_stats(
     out = {"logp_old": torch.cat(olds), "entropy_old": torch.cat(ents)}
     if refs:
         out["logp_ref"] = torch.cat(refs)
-    return out
-
-
-def completion_entropy(
-    model: Any, rollouts: list[Rollout], pad_id: int, temperature: float, micro_size: int
-) -> list[float | None]:
-    """Each completion's mean token entropy under the current policy (RENT), without grad.
-
-    Args:
-        model: the trained policy at the start of the step (the `logp_old` policy).
-        rollouts: N sampled completions.
-        pad_id: padding token id.
-        temperature: the sampler's temperature.
-        micro_size: rows per forward pass.
-
-    Returns:
-        [N] mean_t H_{i,t} over the completion tokens (the distributions each completion token was
-        sampled from); None for an empty completion.
-    """
-    ids = [r.prompt_ids + r.completion_ids for r in rollouts]
-    t = {
-        "input_ids": pad_right(ids, pad_id, torch.long),
-        "attention_mask": pad_right([[1] * len(x) for x in ids], 0, torch.long),
-    }
-    entropy = policy_token_stats(model, t, temperature, micro_size)["entropy_old"]  # [N, L-1]
-    out: list[float | None] = []
-    for i, r in enumerate(rollouts):
-        start, n = len(r.prompt_ids) - 1, len(r.completion_ids)
-        out.append(float(entropy[i, start : start + n].mean()) if n else None)
     return out

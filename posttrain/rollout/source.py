@@ -18,9 +18,10 @@ from posttrain import advantages as adv_fn
 from posttrain.config import Config
 from posttrain.data.chat import encode_prompts
 from posttrain.data.curriculum import PromptSchedule, load_stage_rows
+from posttrain.data.tensors import pad_right
 from posttrain.errors import ConfigError
 from posttrain.eval.evaluate import evaluate
-from posttrain.models.forward import completion_entropy
+from posttrain.models.forward import policy_token_stats
 from posttrain.rollout.engine import Rollout, SamplingConfig
 from posttrain.runtime import distributed as dist
 from posttrain.runtime.weight_sync import push_adapter, push_weights
@@ -42,6 +43,35 @@ class Sample:
     rollout: Rollout
     reward: float | None
     valid: bool
+
+
+def completion_entropy(
+    model: Any, rollouts: list[Rollout], pad_id: int, temperature: float, micro_size: int
+) -> list[float | None]:
+    """Each completion's mean token entropy under the current policy (RENT), without grad.
+
+    Args:
+        model: the trained policy at the start of the step (the `logp_old` policy).
+        rollouts: N sampled completions.
+        pad_id: padding token id.
+        temperature: the sampler's temperature.
+        micro_size: rows per forward pass.
+
+    Returns:
+        [N] mean_t H_{i,t} over the completion tokens (the distributions each completion token was
+        sampled from); None for an empty completion.
+    """
+    ids = [r.prompt_ids + r.completion_ids for r in rollouts]
+    t = {
+        "input_ids": pad_right(ids, pad_id, torch.long),
+        "attention_mask": pad_right([[1] * len(x) for x in ids], 0, torch.long),
+    }
+    entropy = policy_token_stats(model, t, temperature, micro_size)["entropy_old"]  # [N, L-1]
+    out: list[float | None] = []
+    for i, r in enumerate(rollouts):
+        start, n = len(r.prompt_ids) - 1, len(r.completion_ids)
+        out.append(float(entropy[i, start : start + n].mean()) if n else None)
+    return out
 
 
 class RolloutSource:
