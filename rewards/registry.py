@@ -46,7 +46,7 @@ _BUILTIN: dict[str, str] = {
     "ifeval": "rewards.ifeval:ifeval",
     "code_tests": "rewards.code:code_tests",
     "rubric": "rewards.rubric:rubric",
-    "judge_verifier": "rewards.judge:judge_verifier",
+    "judge_verifier": "rewards.verifier:judge_verifier",
     "reward_model": "rewards.reward_model:reward_model",
     "neg_entropy": "rewards.entropy:neg_entropy",
 }

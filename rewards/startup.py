@@ -84,9 +84,9 @@ def _unwrap(fn: Callable[..., Any]) -> tuple[Callable[..., Any], dict[str, Any]]
 
 def _judge_kind(fn: Callable[..., Any]) -> str | None:
     """``"rubric"``/``"judge_verifier"`` when ``fn`` is one of the judge rewards."""
-    from rewards import judge, rubric
+    from rewards import rubric, verifier
 
-    if fn is judge.judge_verifier:
+    if fn is verifier.judge_verifier:
         return "judge_verifier"
     if fn is rubric.rubric:
         return "rubric"

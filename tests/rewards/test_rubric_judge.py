@@ -12,15 +12,7 @@ from judge_server import JudgeServer
 
 from posttrain.errors import ConfigError
 from rewards import judge as judge_mod
-from rewards.judge import (
-    JudgeClient,
-    JudgeParseError,
-    JudgeUnreachableError,
-    judge_verifier,
-    judge_verifier_detailed,
-    parse_json_object,
-    verifier_request,
-)
+from rewards.judge import JudgeClient, JudgeParseError, JudgeUnreachableError, parse_json_object
 from rewards.rubric import (
     DEFAULT_WEIGHTS,
     RubricItem,
@@ -29,6 +21,7 @@ from rewards.rubric import (
     rubric_detailed,
     rubric_metrics,
 )
+from rewards.verifier import judge_verifier, judge_verifier_detailed, verifier_request
 
 MODEL = "test-judge"
 FAST = {"backoff_s": 0.01, "timeout_s": 5.0}

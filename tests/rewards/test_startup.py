@@ -13,6 +13,7 @@ import rewards
 from posttrain.errors import ConfigError
 from rewards import judge as judge_mod
 from rewards import registry
+from rewards import verifier as verifier_mod
 from rewards.registry import RewardConfigError, RewardSpec
 from rewards.startup import validate_rewards
 
@@ -156,7 +157,7 @@ def test_judge_url_as_column_and_bad_option_value(server):
 
 
 def test_partial_of_a_judge_reward_is_checked(server):
-    bound = functools.partial(judge_mod.judge_verifier, base_url=server.url, model=MODEL)
+    bound = functools.partial(verifier_mod.judge_verifier, base_url=server.url, model=MODEL)
     rewards.register("t_verifier2", bound, required=("answer",))
     try:
         validate_rewards(["t_verifier2"], ["answer"])
