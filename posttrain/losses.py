@@ -29,7 +29,15 @@ from torch import Tensor
 AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 RATIO_LEVELS = ("token", "sequence")
-PREFERENCE_KINDS = ("sigmoid", "robust", "ipo", "hinge", "simpo", "length_normalized")
+PREFERENCE_KINDS = (
+    "sigmoid",
+    "cdpo",
+    "robust",
+    "ipo",
+    "hinge",
+    "simpo",
+    "length_normalized",
+)
 
 # exp() of a log-ratio is evaluated on a value clamped to this range, so that a wild token cannot
 # turn the loss into inf/nan (exp(20) ~ 4.9e8 is far outside any clip range).
@@ -305,9 +313,23 @@ def value_loss(
 
 
 def _smoothed_sigmoid_loss(h: Tensor, label_smoothing: float) -> Tensor:
+    """cDPO: -(1 - eps) log sig(h) - eps log sig(-h), the sigmoid loss against soft labels."""
     loss = -F.logsigmoid(h)
     if label_smoothing:
         loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-h)
+    return loss
+
+
+def _robust_sigmoid_loss(h: Tensor, flip_rate: float) -> Tensor:
+    """Robust DPO (Chowdhury et al. 2024): ((1 - eps) l(h) - eps l(-h)) / (1 - 2 eps).
+
+    l(h) = -log sig(h). With labels flipped at rate eps, the expectation over flips
+    (1 - eps) loss(h) + eps loss(-h) equals the clean l(h) (unbiased); the loss itself is not
+    bounded below (about -eps h / (1 - 2 eps) for large h).
+    """
+    loss = -F.logsigmoid(h)
+    if flip_rate:
+        loss = ((1.0 - flip_rate) * loss + flip_rate * F.logsigmoid(-h)) / (1.0 - 2.0 * flip_rate)
     return loss
 
 
@@ -325,19 +347,25 @@ def preference_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO-family loss per pair, h = beta [(pi_w - ref_w) - (pi_l - ref_l)].
 
-    sigmoid / robust: -(1 - eps) log sig(h) - eps log sig(-h) (eps = label_smoothing; cDPO).
-    ipo: (h / beta - 1 / (2 beta))^2 with log-probs averaged over tokens.
-    hinge: max(0, 1 - h).
-    simpo: sigmoid loss of beta pi_w/|y_w| - beta pi_l/|y_l| - gamma (no reference).
-    length_normalized: sigmoid loss with pi and ref averaged over tokens.
-    Label smoothing applies to the sigmoid-type kinds (sigmoid, robust, simpo, length_normalized).
+    With l(h) = -log sig(h) and eps = label_smoothing:
+    sigmoid: l(h) (eps must be 0: label-smoothed sigmoid DPO is `cdpo`).
+    cdpo: (1 - eps) l(h) + eps l(-h) = -(1 - eps) log sig(h) - eps log sig(-h) (conservative
+    DPO, soft labels).
+    robust: ((1 - eps) l(h) - eps l(-h)) / (1 - 2 eps) (Chowdhury et al. 2024, unbiased under a
+    label-flip rate eps; not bounded below).
+    ipo: (h / beta - 1 / (2 beta))^2 with log-probs averaged over tokens (eps must be 0).
+    hinge: max(0, 1 - h) (eps must be 0).
+    simpo: cdpo loss of h = beta pi_w/|y_w| - beta pi_l/|y_l| - gamma (no reference).
+    length_normalized: cdpo loss of h with pi and ref averaged over tokens.
+    eps = 0 turns cdpo, robust, simpo and length_normalized into their plain sigmoid loss.
 
     Args:
         pi_w, pi_l: [N] policy sequence log-probs (sum over response tokens) of chosen/rejected.
         ref_w, ref_l: [N] reference sequence log-probs (unused by simpo).
         kind: one of PREFERENCE_KINDS.
         beta: temperature beta.
-        label_smoothing: eps in [0, 0.5).
+        label_smoothing: eps in [0, 0.5): the soft-label weight (cdpo, simpo, length_normalized)
+            or the assumed label-flip rate (robust).
         gamma: SimPO target margin.
         len_w, len_l: [N] response token counts (required for ipo, simpo, length_normalized).
 
@@ -350,8 +378,9 @@ def preference_loss(
     _check_choice(kind, PREFERENCE_KINDS, "kind")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and kind in ("ipo", "hinge"):
-        raise ValueError(f"label_smoothing is not used by kind={kind!r}; pass 0")
+    if label_smoothing and kind in ("sigmoid", "ipo", "hinge"):
+        hint = " (label-smoothed sigmoid DPO is kind='cdpo')" if kind == "sigmoid" else ""
+        raise ValueError(f"label_smoothing is not used by kind={kind!r}; pass 0{hint}")
     pw, pl = pi_w.float(), pi_l.float()
     if kind in ("ipo", "simpo", "length_normalized"):
         if len_w is None or len_l is None:
@@ -372,7 +401,9 @@ def preference_loss(
             loss = (h / beta - 1.0 / (2.0 * beta)) ** 2
         elif kind == "hinge":
             loss = torch.relu(1.0 - h)
-        else:
+        elif kind == "robust":
+            loss = _robust_sigmoid_loss(h, label_smoothing)
+        else:  # sigmoid (eps = 0), cdpo, length_normalized
             loss = _smoothed_sigmoid_loss(h, label_smoothing)
     metrics = {
         "rewards_chosen": rw.detach(),

@@ -233,7 +233,14 @@ class SFTConfig:
 
 @dataclass(frozen=True)
 class DPOConfig:
-    """DPO family (`dpo.loss`: sigmoid, robust, ipo, hinge, simpo, length_normalized) + RPO NLL.
+    """The DPO family (`dpo.loss`: sigmoid, cdpo, robust, ipo, hinge, simpo, length_normalized).
+
+    `label_smoothing` eps in [0, 0.5) (0 = off; see `losses.preference_loss`): `cdpo` is the
+    label-smoothed sigmoid loss -(1 - eps) log sig(h) - eps log sig(-h); `robust` (Chowdhury et
+    al. 2024) treats eps as a label-flip rate, ((1 - eps) l(h) - eps l(-h)) / (1 - 2 eps) with
+    l(h) = -log sig(h); `simpo` and `length_normalized` apply the cdpo smoothing to their own
+    margin. With eps = 0 all four are the plain sigmoid loss. `sigmoid` with eps > 0 is a config
+    error (say `cdpo`), and `ipo` / `hinge` do not take it. `nll_coef`: the RPO NLL weight.
 
     `pairs_per_step` preference pairs per optimizer step (all ranks); `micro_batch_size_per_device`
     counts pairs (each micro-batch runs 2x that many rows: chosen rows then rejected rows).
