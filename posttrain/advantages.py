@@ -1,4 +1,4 @@
-"""Pure advantage math (see /work/shared/ALGORITHMS.md).
+"""Pure advantage math (formulas and their tests: docs/algorithms.md).
 
 Shapes: P = prompts (groups), G = samples per group, B = samples, T = tokens.
 Sequence-level statistics are computed in float64 and returned in the rewards' float dtype

@@ -1,4 +1,4 @@
-"""Pure loss math for post-training (see /work/shared/ALGORITHMS.md).
+"""Pure loss math for post-training (formulas and their tests: docs/algorithms.md).
 
 Every function here is a small pure torch function: no model, no config object, no I/O.
 Shapes: B = samples in the (micro-)batch, T = tokens, V = vocabulary, N = preference pairs.

@@ -1,6 +1,6 @@
 """DPO family (`train.algorithm: dpo`): sigmoid, cDPO (label smoothing), robust DPO (unbiased
 under label flips), IPO, hinge (SLiC), SimPO, length-normalised DPO, each optionally + RPO's NLL
-term (see ALGORITHMS.md and `losses.preference_loss`).
+term (docs/algorithms.md and `losses.preference_loss`).
 
 make_batch: `dpo.pairs_per_step` pairs (this rank's shard), micro-batches of
 `micro_batch_size_per_device` pairs; each micro-batch is ONE forward over 2m rows (chosen rows,

@@ -7,7 +7,7 @@ and returns -> advantages whitened over the step's masked tokens (all ranks).
 loss: the GRPO family's clipped policy loss (`grpo.clipped_policy_loss`: clip, TIS, entropy
 bonus, global-denominator aggregation) + vf_coef * the clipped value loss (token mean). During
 `ppo.critic_warmup_steps` only the value loss trains. The adaptive KL controller's beta is part
-of the resumable state. Math: ALGORITHMS.md (`gae`, KL in reward, value loss).
+of the resumable state. Math: docs/algorithms.md (`gae`, KL in reward, value loss).
 """
 
 from __future__ import annotations

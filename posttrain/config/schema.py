@@ -91,7 +91,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Generation settings and the sampling-side options of ALGORITHMS.md."""
+    """Generation settings and the sampling-side options of docs/algorithms.md."""
 
     engine: str = "vllm"
     prompts_per_step: int = 8

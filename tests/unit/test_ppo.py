@@ -105,7 +105,7 @@ def _batch() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
 
 
 def _loop_gae(t, rewards, beta, gamma, lam):
-    """Naive per-token loop of ALGORITHMS.md `gae` with k1 KL in the reward (not whitened)."""
+    """Naive per-token loop of `gae` (docs/algorithms.md), k1 KL in the reward, not whitened."""
     adv = torch.zeros(2, 5)
     ret = torch.zeros(2, 5)
     for i in range(2):
