@@ -28,7 +28,7 @@ from posttrain.config import Config
 from posttrain.data.tensors import chunk_indices, pad_right, shard_for_rank
 from posttrain.models.forward import policy_token_stats
 from posttrain.rollout.factory import make_rollout_source
-from posttrain.rollout.source import RolloutSource
+from posttrain.rollout.source import SampleSource
 from posttrain.runtime import distributed as dist
 
 
@@ -41,7 +41,7 @@ class GRPO(OnlineAlgorithm):
         ref_model: frozen reference for the KL term, or None when `kl.coef == 0`.
     """
 
-    def __init__(self, cfg: Config, source: RolloutSource, ref_model: Any | None) -> None:
+    def __init__(self, cfg: Config, source: SampleSource, ref_model: Any | None) -> None:
         super().__init__(cfg, source, ref_model)
         self.recompute_old = cfg.train.updates_per_batch > 1
 

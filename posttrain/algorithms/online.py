@@ -10,7 +10,7 @@ import torch
 from posttrain.config import Config
 from posttrain.data.tensors import pad_right
 from posttrain.models import load_reference
-from posttrain.rollout.source import RolloutSource, Sample
+from posttrain.rollout.source import Sample, SampleSource
 from posttrain.runtime import distributed as dist
 
 
@@ -94,7 +94,7 @@ class OnlineAlgorithm:
     rolls_out = True
     evaluates = True
 
-    def __init__(self, cfg: Any, source: RolloutSource, ref_model: Any | None = None) -> None:
+    def __init__(self, cfg: Any, source: SampleSource, ref_model: Any | None = None) -> None:
         self.cfg = cfg
         self.source = source
         self.ref_model = ref_model

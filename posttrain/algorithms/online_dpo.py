@@ -33,7 +33,7 @@ from posttrain.config import Config
 from posttrain.data.preference import EncodedPair, pair_batch
 from posttrain.data.tensors import chunk_indices, shard_for_rank
 from posttrain.rollout.factory import make_rollout_source
-from posttrain.rollout.source import RolloutSource, Sample
+from posttrain.rollout.source import Sample, SampleSource
 from posttrain.runtime import distributed as dist
 
 
@@ -86,7 +86,7 @@ class OnlineDPO(OnlineAlgorithm):
         ref_model: frozen reference (the starting policy), None for `dpo.loss: simpo`.
     """
 
-    def __init__(self, cfg: Config, source: RolloutSource, ref_model: Any | None = None) -> None:
+    def __init__(self, cfg: Config, source: SampleSource, ref_model: Any | None = None) -> None:
         super().__init__(cfg, source, ref_model)
         self.ref = None if ref_model is None else ReferenceLogps(source.pad_id, model=ref_model)
 

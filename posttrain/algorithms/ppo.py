@@ -28,7 +28,7 @@ from posttrain.data.tensors import chunk_indices, shard_for_rank
 from posttrain.errors import ConfigError
 from posttrain.models.actor_critic import ActorCritic
 from posttrain.rollout.factory import make_rollout_source
-from posttrain.rollout.source import RolloutSource
+from posttrain.rollout.source import SampleSource
 from posttrain.runtime import distributed as dist
 
 
@@ -113,7 +113,7 @@ class PPO(OnlineAlgorithm):
         ref_model: frozen reference for the KL term, or None when `kl.coef == 0`.
     """
 
-    def __init__(self, cfg: Config, source: RolloutSource, ref_model: Any | None) -> None:
+    def __init__(self, cfg: Config, source: SampleSource, ref_model: Any | None) -> None:
         super().__init__(cfg, source, ref_model)
         self.beta = float(cfg.kl.coef)
         self.controller = None

@@ -26,7 +26,7 @@ from posttrain.config import Config
 from posttrain.data.tensors import chunk_indices, shard_for_rank
 from posttrain.models.forward import policy_token_stats
 from posttrain.rollout.factory import make_rollout_source
-from posttrain.rollout.source import RolloutSource, Sample
+from posttrain.rollout.source import Sample, SampleSource
 from posttrain.runtime import distributed as dist
 
 
@@ -38,7 +38,7 @@ class Rebel(OnlineAlgorithm):
         source: prompts + rollout engine + rewards (shared with GRPO and evaluation).
     """
 
-    def __init__(self, cfg: Config, source: RolloutSource) -> None:
+    def __init__(self, cfg: Config, source: SampleSource) -> None:
         super().__init__(cfg, source)
 
     # --------------------------------------------------------------- batch

@@ -43,6 +43,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from posttrain.errors import ConfigError
+from posttrain.rollout.source import RolloutSource
 
 
 class _Job:
@@ -64,7 +65,7 @@ class AsyncRolloutSource:
         total_steps: `train.steps` (no batch is queued past the last step).
     """
 
-    def __init__(self, source: Any, max_staleness: int, total_steps: int) -> None:
+    def __init__(self, source: RolloutSource, max_staleness: int, total_steps: int) -> None:
         if max_staleness < 1:
             raise ConfigError(f"rollout.max_staleness={max_staleness}: async needs >= 1")
         if source.needs_entropy:
@@ -85,11 +86,20 @@ class AsyncRolloutSource:
         self.trainer_version = int(source.weight_version)  # the last version sync_weights got
         self.must_push = False  # after a resume: the engine does not hold the state's weights
 
-    def __getattr__(self, name: str) -> Any:
-        """Everything else (engine, pad_id, weight_version, ...) is the source's."""
-        if name == "source":
-            raise AttributeError(name)
-        return getattr(self.source, name)
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's padding id (the source's)."""
+        return self.source.pad_id
+
+    @property
+    def engine(self) -> Any:
+        """The rollout engine (the source's)."""
+        return self.source.engine
+
+    @property
+    def weight_version(self) -> int:
+        """The weight version the engine last received (the source's)."""
+        return self.source.weight_version
 
     # ------------------------------------------------------------------ queue
     def _generate(self, job: _Job) -> tuple[list[list[Any]], dict]:

@@ -16,7 +16,7 @@ from posttrain.rollout import make_engine
 from posttrain.rollout.async_source import AsyncRolloutSource
 from posttrain.rollout.server_ranks import make_server_engine
 from posttrain.rollout.sharded import ShardedEngine, make_vllm_replica
-from posttrain.rollout.source import RolloutSource
+from posttrain.rollout.source import RolloutSource, SampleSource
 from posttrain.runtime import distributed as dist
 from rewards.registry import TOKEN_ENTROPY
 from rewards.startup import validate_rewards
@@ -88,9 +88,7 @@ def _make_server_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
     )
 
 
-def make_rollout_source(
-    cfg: Config, model_path: str, tokenizer: Any
-) -> RolloutSource | AsyncRolloutSource:
+def make_rollout_source(cfg: Config, model_path: str, tokenizer: Any) -> SampleSource:
     """Prompts (and curriculum stages), checked rewards and a rollout engine: a RolloutSource."""
     train, held = load_train_eval_rows(cfg)
     stages = load_stage_rows(cfg)  # SRPO curriculum: [] without data.stages

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -72,6 +72,37 @@ def completion_entropy(
         start, n = len(r.prompt_ids) - 1, len(r.completion_ids)
         out.append(float(entropy[i, start : start + n].mean()) if n else None)
     return out
+
+
+class SampleSource(Protocol):
+    """What an online algorithm draws its samples from: `RolloutSource`, or `AsyncRolloutSource`
+    (async_source.py) which prefetches its batches; a multi-turn episode source is a third kind.
+    """
+
+    pad_id: int
+    engine: Any
+
+    def collect_groups(
+        self, step: int, model: Any = None
+    ) -> tuple[list[list[Sample]], dict[str, float]]:
+        """Step `step`'s `prompts_per_step` scored groups of `samples_per_prompt` samples."""
+        ...
+
+    def sync_weights(self, model: Any, version: int) -> dict[str, float]:
+        """Give the engine the trainer's weights (weight version `version`)."""
+        ...
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics with the engine's current weights."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Resumable position."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`."""
+        ...
 
 
 class RolloutSource:
