@@ -94,3 +94,25 @@ def test_rewards_list_and_roundtrip():
     assert cfg.rewards[0].weight == 2.0
     again = load_config(None, [])
     assert to_dict(again)["rewards"][0]["name"] == "exact_answer"
+
+
+def test_warmup_config_keeps_what_sft_reads_and_resets_the_rest():
+    from posttrain.config import WarmupConfig, to_dict, warmup_config
+    from posttrain.config.loading import WARMUP_INHERITS
+
+    cfg = load_config(
+        ROOT / "recipes" / "ppo_tiny.yaml",
+        ["kl.coef=0.05", "data.system_prompt=Be brief.", "train.zero_stage=2", "eval.k=2"],
+    )
+    sub = warmup_config(cfg, "some/model", "out/sft-warmup")
+    w = cfg.warmup
+    assert sub.train.algorithm == "sft" and sub.model.path == "some/model"
+    assert (sub.train.steps, sub.train.sft_batch_size) == (w.steps, w.batch_size)
+    assert (sub.optim.lr, sub.optim.warmup_steps) == (w.lr, w.warmup_steps)
+    assert sub.train.output_dir == "out/sft-warmup" and sub.train.save_every == 0
+    assert sub.warmup == WarmupConfig()  # no warm-up of the warm-up
+    assert sub.data == cfg.data and sub.sft == cfg.sft and sub.log == cfg.log
+    assert sub.train.zero_stage == 2 and sub.optim.beta2 == cfg.optim.beta2
+    default = Config()
+    for section in [f for f in to_dict(cfg) if f not in WARMUP_INHERITS and f != "warmup"]:
+        assert getattr(sub, section) == getattr(default, section), section
