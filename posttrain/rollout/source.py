@@ -236,9 +236,10 @@ class RolloutSource:
             reward_stats.append(stats)
             samples = self._shape(rollouts, result.total)
             all_samples.extend(samples)
-            for g in range(need):
-                group = samples[g * G : (g + 1) * G]
-                if r.filter_zero_variance_groups and not _informative(group):
+            groups_now = [samples[g * G : (g + 1) * G] for g in range(need)]
+            informative = _informative(groups_now) if r.filter_zero_variance_groups else None
+            for g, group in enumerate(groups_now):
+                if informative is not None and not informative[g]:
                     dropped.append(group)
                 else:
                     kept.append(group)
@@ -295,9 +296,11 @@ class RolloutSource:
         self.weight_version = int(state["weight_version"])
 
 
-def _informative(group: list[Sample]) -> bool:
-    vals = [s.reward for s in group if s.valid]
-    return len(vals) >= 2 and max(vals) > min(vals)
+def _informative(groups: list[list[Sample]]) -> list[bool]:
+    """Per group: >= 2 valid samples with differing rewards (DAPO's dynamic-sampling rule)."""
+    rewards = torch.tensor([[s.reward if s.valid else 0.0 for s in g] for g in groups])
+    valid = torch.tensor([[s.valid for s in g] for g in groups])
+    return adv_fn.filter_zero_variance_groups(rewards.double(), valid).tolist()
 
 
 def _rollout_metrics(
