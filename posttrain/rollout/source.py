@@ -74,6 +74,23 @@ def completion_entropy(
     return out
 
 
+def step_sampling(cfg: Config, step: int, round_: int = 0) -> SamplingConfig:
+    """The sampling settings of step `step`'s generation round `round_` (dynamic sampling).
+
+    The seed depends only on (train.seed, step, round), so a resumed run, another rank count or
+    examples/grpo_minimal.py draws the same completions; prompt i's sample j gets seed + i*G + j.
+    """
+    r = cfg.rollout
+    seed = (cfg.train.seed * 1_000_003 + step * 101 + round_) % (2**31)
+    return SamplingConfig(
+        n=r.samples_per_prompt,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_new_tokens=r.max_new_tokens,
+        seed=seed,
+    )
+
+
 class SampleSource(Protocol):
     """What an online algorithm draws its samples from: `RolloutSource`, or `AsyncRolloutSource`
     (async_source.py) which prefetches its batches; a multi-turn episode source is a third kind.
@@ -145,17 +162,6 @@ class RolloutSource:
         # RENT-style rewards read the policy's own token entropy as a column.
         self.needs_entropy = any(TOKEN_ENTROPY in required_columns(s.name) for s in self.specs)
 
-    def _sampling(self, step: int, round_: int) -> SamplingConfig:
-        r = self.cfg.rollout
-        seed = (self.cfg.train.seed * 1_000_003 + step * 101 + round_) % (2**31)
-        return SamplingConfig(
-            n=r.samples_per_prompt,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            max_new_tokens=r.max_new_tokens,
-            seed=seed,
-        )
-
     def _score_round(
         self, rows: list[dict[str, Any]], step: int, round_: int, model: Any = None
     ) -> tuple:
@@ -166,7 +172,7 @@ class RolloutSource:
             self.tokenizer, prompts, cfg.data.system_prompt, cfg.data.max_prompt_tokens
         )
         t0 = time.perf_counter()
-        rollouts = self.engine.generate(ids, self._sampling(step, round_))
+        rollouts = self.engine.generate(ids, step_sampling(self.cfg, step, round_))
         t1 = time.perf_counter()
         G = cfg.rollout.samples_per_prompt
         rep = [rows[i // G] for i in range(len(rollouts))]
