@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from posttrain.config import load_config
-from posttrain.data.preference import pair_batch
+from posttrain.data.preference import arithmetic_pairs, pair_batch
+from posttrain.data.splits import load_train_eval_rows
 from posttrain.trainer import Trainer
 
 pytestmark = pytest.mark.slow
@@ -119,7 +120,6 @@ def test_rm_recipe_short_run_and_reward_model_reward(tmp_path, tiny_model_dir):
     t, history = _train(cfg)
     assert type(t.engine.module).__name__ == "Qwen2ForSequenceClassification"
     assert {"loss", "accuracy", "margin"} <= set(history[0])
-    assert 0.0 <= t.eval_after["eval/pair_accuracy"] <= 1.0
     # the recipe trains on mixed wrong answers; each pure kind is scored on its own as well
     assert cfg.data.wrong_answers == "mixed"
     model = t.engine.module
@@ -132,15 +132,56 @@ def test_rm_recipe_short_run_and_reward_model_reward(tmp_path, tiny_model_dir):
         m = len(pairs)
         expected = float((r[:m] > r[m:]).float().mean())
         assert t.eval_after[f"eval/{kind}/pair_accuracy"] == pytest.approx(expected, abs=1e-6)
+        margin = float((r[:m] - r[m:]).mean())
+        assert t.eval_after[f"eval/{kind}/margin"] == pytest.approx(margin, abs=1e-5)
+    # eval/* of the main held-out set (mixed wrong answers) from the trained model's scores
+    held = t.algorithm.held
+    mb = pair_batch(held, t.tokenizer.pad_token_id)
+    with torch.no_grad():
+        r = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, 0]
+    m = len(held)
+    diff = (r[:m] - r[m:]).double()
+    assert float(diff.abs().max()) > 1e-3  # scores differ (a constant head passes anything)
+    after = t.eval_after
+    assert after["eval/pair_accuracy"] == pytest.approx(float((diff > 0).double().mean()))
+    assert after["eval/margin"] == pytest.approx(float(diff.mean()), abs=1e-5)
+    loss = float(-torch.nn.functional.logsigmoid(diff).mean())
+    assert after["eval/loss"] == pytest.approx(loss, abs=1e-5)
+
+    # The `reward_model` reward on the held-out pairs' text, from the saved checkpoint, is the
+    # trained model's score of the same (prompt, completion): chosen rows, then rejected rows.
+    d = cfg.data
+    _, held_rows = load_train_eval_rows(cfg)
+    rows = arithmetic_pairs(
+        held_rows[: cfg.eval.num_problems], d.seed, d.preference_negatives, d.wrong_answers
+    )
+    assert len(rows) == m
     final = t.final_checkpoint
     reward = get_reward("reward_model")
-    prompts = ["12+7", "3-5", "40+41"]
-    completions = ["19", "-2", "82"]
     clear_cache()
+    prompts = [row["prompt"] for row in rows]
+    chosen = reward(prompts, [row["chosen"] for row in rows], path=str(final), batch_size=32)
+    rejected = reward(prompts, [row["rejected"] for row in rows], path=str(final), batch_size=32)
+    assert chosen == pytest.approx(r[:m].tolist(), abs=1e-5)
+    assert rejected == pytest.approx(r[m:].tolist(), abs=1e-5)
+    # ... so the reward prefers the chosen answer exactly as often as the held-out accuracy says
+    wins = sum(c > j for c, j in zip(chosen, rejected, strict=True)) / m
+    assert wins == pytest.approx(after["eval/pair_accuracy"], abs=1.5 / m)
+
+    prompts = ["12+07", "03+05", "20+11"]
+    completions = ["19", "8", "31"]
     one = reward(prompts, completions, path=str(final), batch_size=1)
     many = reward(prompts, completions, path=str(final), batch_size=8, answer=["x"] * 3)
-    assert len(one) == 3 and all(isinstance(v, float) for v in one)
     assert many == pytest.approx(one, abs=1e-5)  # padding does not move the scalar
+    # one sequence by hand: chat-templated prompt + completion + EOS, score at its last token
+    tok = t.tokenizer
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": prompts[0]}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tok(text + completions[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    with torch.no_grad():
+        by_hand = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+    assert one[0] == pytest.approx(by_hand, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -199,7 +200,8 @@ def test_bash_syntax(path):
 
 
 def _dry_run(script: str, *args: str, **env: str) -> list[str]:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("DS_CONFIG", "MASTER_ADDR")}
+    skip = ("DS_CONFIG", "MASTER_ADDR", "GPUS_PER_NODE", "PORT", "NPROC")
+    full_env = {k: v for k, v in os.environ.items() if k not in skip and not k.startswith("SLURM_")}
     full_env.update({"DRY_RUN": "1", "PYTHON": sys.executable, **env})
     proc = subprocess.run(
         ["bash", str(LAUNCH / script), *args],
@@ -329,12 +331,48 @@ def test_slurm_master_addr_from_nodelist(tmp_path):
     assert "--rdzv_endpoint=gpu01:29500" in cmd
 
 
+def _sbatch_header(text: str) -> dict[str, str]:
+    """The `#SBATCH --key=value` directives as a dict; sbatch reads them only before the first
+    command line, so a directive after it (silently ignored by Slurm) is an error here."""
+    header: dict[str, str] = {}
+    in_header = True
+    for line in text.splitlines()[1:]:  # after the shebang
+        if line.strip() and not line.startswith("#"):
+            in_header = False
+        if not line.startswith("#SBATCH"):
+            continue
+        assert in_header, f"{line!r} comes after the first command: sbatch ignores it"
+        m = re.fullmatch(r"#SBATCH\s+--([a-z-]+)(?:=(\S+))?\s*", line)
+        assert m, f"unparsable directive: {line!r}"
+        assert m[1] not in header, f"--{m[1]} given twice"
+        header[m[1]] = m[2] or ""
+    return header
+
+
 def test_sbatch_header_requests_one_task_per_node():
-    text = (LAUNCH / "slurm_grpo.sbatch").read_text()
-    header = [line for line in text.splitlines() if line.startswith("#SBATCH")]
-    assert "#SBATCH --ntasks-per-node=1" in header
-    assert any(line.startswith("#SBATCH --nodes=") for line in header)
-    assert "future work" in text.lower()
+    header = _sbatch_header((LAUNCH / "slurm_grpo.sbatch").read_text())
+    assert header["ntasks-per-node"] == "1"  # one torchrun agent per node starts the ranks
+    nodes, gpus = int(header["nodes"]), int(header["gpus-per-node"])
+    assert nodes >= 1 and gpus >= 1
+    assert int(header["cpus-per-task"]) >= gpus  # the one task feeds every GPU of its node
+    assert re.fullmatch(r"\d+:\d\d:\d\d", header["time"])
+    assert "ntasks" not in header and "gpus" not in header  # totals would fight the per-node ones
+    # What Slurm exports for that allocation reaches srun and torchrun unchanged: one task per
+    # node, `nodes` torchrun agents, `gpus-per-node` ranks each (nodes x gpus ranks in all).
+    cmd = _dry_run(
+        "slurm_grpo.sbatch",
+        SLURM_NNODES=header["nodes"],
+        SLURM_GPUS_ON_NODE=header["gpus-per-node"],
+        SLURM_JOB_ID="7",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        MASTER_ADDR="node-a",
+    )
+    srun = cmd[: cmd.index(sys.executable)]
+    assert srun[0] == "srun"
+    assert f"--nodes={nodes}" in srun
+    assert f"--ntasks-per-node={header['ntasks-per-node']}" in srun
+    launcher = cmd[cmd.index("torch.distributed.run") + 1 : cmd.index("posttrain.cli") - 1]
+    assert f"--nnodes={nodes}" in launcher and f"--nproc_per_node={gpus}" in launcher
 
 
 # ------------------------------------------------------------------------------- real runs

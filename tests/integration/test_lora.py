@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import inspect
 import json
 from pathlib import Path
 
@@ -118,21 +117,9 @@ def _grpo_module():
     return module
 
 
-def _patch_trainer_lora(monkeypatch, cfg) -> None:
-    """Until `Trainer._build_engine` passes `lora=cfg.model.lora` itself, pass it here."""
-    if "lora" in inspect.getsource(trainer_mod.Trainer._build_engine):
-        return
-
-    def load_with_lora(*args, **kwargs):
-        kwargs.setdefault("lora", cfg.model.lora)
-        return load_policy(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_mod, "load_policy", load_with_lora)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sync", ["merged", "adapter"])
-def test_grpo_lora_vllm_sync(tmp_path, tiny_model_dir, monkeypatch, sync):
+def test_grpo_lora_vllm_sync(tmp_path, tiny_model_dir, sync):
     from safetensors.torch import load_file
 
     lora_args = (
@@ -142,7 +129,6 @@ def test_grpo_lora_vllm_sync(tmp_path, tiny_model_dir, monkeypatch, sync):
         f"model.lora.sync={sync}",
     )
     cfg = _grpo_module().small_cfg(tmp_path / "run", tiny_model_dir, *lora_args)
-    _patch_trainer_lora(monkeypatch, cfg)
     trainer = trainer_mod.Trainer(cfg)
     module = trainer.engine.module
     assert lora.is_peft(module)

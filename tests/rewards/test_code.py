@@ -3,6 +3,10 @@
 Hostile programs print ``pwned`` only if their attack worked and are scored against a single
 stdin/stdout case expecting ``pwned``: reward 0 (with a reason) means the attack was contained.
 Each test also checks the effect from the outside (file absent, listener silent, ...).
+
+Which isolation layers the sandbox has here comes from the `sandbox_layers` fixture
+(tests/conftest.py): a test that needs a missing layer skips, one that checks less without it
+says so, and the run ends with one summary line naming the missing layers.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from pathlib import Path
 import pytest
 
 from rewards.code import code_tests, code_tests_detailed, extract_code
-from rewards.sandbox import isolation_report, run_python, sandbox_processes
+from rewards.sandbox import (
+    SANDBOX_UID_BASE,
+    SANDBOX_UID_SLOTS,
+    isolation_report,
+    run_python,
+    sandbox_processes,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox is Linux-only")
 
@@ -27,19 +37,15 @@ FAST = {"cpu_seconds": 1, "wall_seconds": 2}  # limits for the hostile programs
 PWNED = [{"input": "", "output": "pwned"}]
 
 
-def _isolation() -> set[str]:
-    return set(isolation_report()["isolation"])
+@pytest.fixture(autouse=True)
+def _sandbox_summary(sandbox_layers):
+    """Every test here counts for the end-of-run line on missing isolation layers."""
+    return sandbox_layers
 
 
 def _hostile(code: str, **limits) -> tuple[float | None, str | None]:
     [res] = code_tests_detailed([""], [code], [PWNED], **{**FAST, **limits})
     return res.reward, res.reason
-
-
-def _need_uid() -> None:
-    """Skip tests whose attack would hit this very user without the uid switch (non-root)."""
-    if "uid" not in _isolation():
-        pytest.skip("needs root for the sandbox uid switch (RLIMIT_NPROC, signal isolation)")
 
 
 def _wait_no_strays(timeout: float = 3.0) -> list[int]:
@@ -176,14 +182,22 @@ def test_empty_completion_is_no_code_and_unrelated_columns_ignored() -> None:
 
 
 @pytest.mark.slow
-def test_run_python_basics_and_isolation_report() -> None:
+def test_run_python_basics_and_isolation_report(sandbox_layers) -> None:
     res = run_python("import sys\nprint(sys.stdin.read().upper(), end='')\nsys.exit(3)", "abc")
     assert (res.returncode, res.stdout, res.reason) == (3, "ABC", "exit_code:3")
     assert not res.timed_out and res.seconds < 5
     report = isolation_report()
     assert report["reason"] is None
-    if os.geteuid() == 0:
-        assert "uid" in report["isolation"]
+    # every layer this machine allows (probed independently: root, unshare(2)) is in use
+    assert set(report["isolation"]) == set(res.isolation) == sandbox_layers.present()
+    assert report["uid_switch"] is sandbox_layers.available("uid")
+    if sandbox_layers.available("uid"):  # the program really runs as the sandbox uid
+        who = run_python("import os\nprint(os.getuid(), os.geteuid(), os.getgid())")
+        uid, euid, gid = map(int, who.stdout.split())
+        assert uid == euid == gid and SANDBOX_UID_BASE <= uid < SANDBOX_UID_BASE + SANDBOX_UID_SLOTS
+    if sandbox_layers.available("pid"):  # ... in its own pid namespace, under its init (pid 1)
+        pids = run_python("import os\nprint(os.getpid(), os.getppid())")
+        assert pids.stdout.split() == ["2", "1"]
 
 
 @pytest.mark.slow
@@ -203,8 +217,8 @@ def test_many_samples_in_parallel_throughput() -> None:
 
 
 @pytest.mark.slow
-def test_fork_bomb_contained_and_no_stray_processes() -> None:
-    _need_uid()
+def test_fork_bomb_contained_and_no_stray_processes(sandbox_layers) -> None:
+    sandbox_layers.require("uid", "RLIMIT_NPROC cannot bound a fork bomb of this very user")
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     t0 = time.monotonic()
     reward, reason = _hostile(bomb)
@@ -259,7 +273,8 @@ def test_gigabytes_of_output_are_capped() -> None:
 
 
 @pytest.mark.slow
-def test_writing_outside_the_work_dir_does_not_appear(tmp_path: Path) -> None:
+def test_writing_outside_the_work_dir_does_not_appear(tmp_path: Path, sandbox_layers) -> None:
+    sandbox_layers.require("uid", "the program could write wherever this user can")
     name = f"pt-sandbox-escape-{uuid.uuid4().hex}"
     targets = [Path("/tmp") / name, Path("/var/tmp") / name, Path.cwd() / name, tmp_path / name]
     code = (
@@ -276,7 +291,9 @@ def test_writing_outside_the_work_dir_does_not_appear(tmp_path: Path) -> None:
     try:
         reward, reason = _hostile(code)
         assert reward == 0.0 and reason == "wrong_answer"
-        must_not_exist = targets[2:] if "mount" not in _isolation() else targets
+        # without the mount namespace, writes to world-writable /tmp and /var/tmp do land
+        private_tmp = sandbox_layers.weaken("mount", "writes to /tmp, /var/tmp not checked")
+        must_not_exist = targets if private_tmp else targets[2:]
         assert [t for t in must_not_exist if t.exists()] == []
     finally:
         for t in targets:
@@ -284,7 +301,8 @@ def test_writing_outside_the_work_dir_does_not_appear(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_deleting_files_outside_fails(tmp_path: Path) -> None:
+def test_deleting_files_outside_fails(tmp_path: Path, sandbox_layers) -> None:
+    sandbox_layers.require("uid", "the program could delete this user's files")
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     shared = Path("/tmp") / f"pt-sandbox-victim-{uuid.uuid4().hex}"
@@ -329,7 +347,7 @@ def test_parent_environment_is_not_visible(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.slow
-def test_socket_to_local_listener_never_connects() -> None:
+def test_socket_to_local_listener_never_connects(sandbox_layers) -> None:
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
     server.listen(8)
@@ -359,7 +377,7 @@ def test_socket_to_local_listener_never_connects() -> None:
     )
     try:
         assert _hostile(plain) == (0.0, "runtime_error:PermissionError")
-        if "net" in _isolation():
+        if sandbox_layers.weaken("net", "a raw ctypes socket is not blocked"):
             assert _hostile(raw) == (0.0, "wrong_answer")
         time.sleep(0.3)
         assert accepted == []
@@ -370,8 +388,8 @@ def test_socket_to_local_listener_never_connects() -> None:
 
 
 @pytest.mark.slow
-def test_killing_the_parent_fails() -> None:
-    _need_uid()
+def test_killing_the_parent_fails(sandbox_layers) -> None:
+    sandbox_layers.require("uid", "the program could signal this test process")
     me = os.getpid()
     code = (
         "import os, signal\nhit = 0\n"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from posttrain.algorithms.dpo import (
     write_cache,
 )
 from posttrain.config import load_config
-from posttrain.data.arithmetic import make_split, solve
+from posttrain.data.arithmetic import make_split
 from posttrain.data.preference import (
     arithmetic_pairs,
     build_pairs,
@@ -58,22 +60,43 @@ def _pairs(tok, n=6, max_length=64):
 # ----------------------------------------------------------------------------- rows
 
 
+def _evaluate(expression: str) -> int:
+    """The value of an arithmetic prompt, computed by Python itself (not `arithmetic.solve`)."""
+    assert re.fullmatch(r"[0-9]+[+-][0-9]+", expression), expression
+    return int(eval(expression, {"__builtins__": {}}))
+
+
+def _plausible_wrong(expression: str) -> set[int]:
+    """The hard negatives `arithmetic_pairs` documents: off by 1/2/10, sign or operator mistakes."""
+    a, _, b = re.fullmatch(r"([0-9]+)([+-])([0-9]+)", expression).groups()
+    a, b, c = int(a), int(b), _evaluate(expression)
+    return {c + d for d in (-10, -2, -1, 1, 2, 10)} | {-c, a - b, a + b, b - a}
+
+
 def test_arithmetic_pairs_prefer_the_correct_answer():
     rows = make_split("train", 50, seed=1)
     pairs = arithmetic_pairs(rows, seed=7)
+    assert len(pairs) == len(rows)
     for row, p in zip(rows, pairs, strict=True):
-        assert p["chosen"] == str(solve(row["prompt"])) == row["answer"]
-        assert p["rejected"] != p["chosen"] and int(p["rejected"]) == int(p["rejected"])
+        value = _evaluate(row["prompt"])
+        assert p["prompt"] == row["prompt"] and p["answer"] == row["answer"] == str(value)
+        assert p["chosen"] == str(value), row
+        wrong = int(p["rejected"])  # an integer string ...
+        assert p["rejected"] == str(wrong) and wrong != value  # ... that is not the answer
+        assert wrong in _plausible_wrong(row["prompt"]), (row, p["rejected"])
+    assert len({p["rejected"] for p in pairs}) > 10  # not one constant wrong answer
     # deterministic, and a row's wrong answer does not depend on its position
     assert arithmetic_pairs(rows, seed=7) == pairs
     assert arithmetic_pairs(rows[::-1], seed=7) == pairs[::-1]
     # several distinct negatives per prompt, the first one as with negatives=1
     many = arithmetic_pairs(rows, seed=7, negatives=6)
     assert len(many) == 6 * len(rows)
-    for i, p in enumerate(pairs):
+    for i, (row, p) in enumerate(zip(rows, pairs, strict=True)):
         group = many[6 * i : 6 * i + 6]
         assert group[0] == p and len({g["rejected"] for g in group}) == 6
-        assert all(g["rejected"] != g["chosen"] for g in group)
+        value = _evaluate(row["prompt"])
+        assert all(g["chosen"] == str(value) != g["rejected"] for g in group)
+        assert {int(g["rejected"]) for g in group} <= _plausible_wrong(row["prompt"]) - {value}
 
 
 def test_uniform_wrong_answers_cover_the_answer_range():
@@ -230,25 +253,44 @@ def test_extra_padding_does_not_change_sequence_logps_or_loss(tok, ref_model):
     torch.testing.assert_close(la, lb, atol=1e-5, rtol=0)
 
 
-def test_dpo_loss_shares_sum_to_the_mean_over_pairs(tok, ref_model, tiny_model_dir):
-    """Micro-batching: shares over micro-batches of 3 + 3 + 2 pairs == the 8-pair mean."""
+def _hand_logp(model, ids, mask) -> float:
+    """Sum of log p(token | prefix) over a sequence's response tokens, one unpadded forward."""
+    x = torch.tensor([list(ids)])
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[0].double()
+    logp = torch.log_softmax(logits[:-1], dim=-1)
+    total = 0.0
+    for t in range(1, len(ids)):  # token t is predicted by the logits at t - 1
+        if mask[t]:
+            total += float(logp[t - 1, ids[t]])
+    return total
+
+
+def test_dpo_loss_shares_sum_to_the_mean_over_pairs(tok, ref_model):
+    """Micro-batching: shares over micro-batches of 3 + 3 + 2 pairs == the 8-pair mean, and that
+    mean is the per-pair loss of hand-computed log-probs, with a policy that is not the
+    reference (so pair losses differ and a wrong weighting would show)."""
     enc = _pairs(tok, 8)
-    cfg = load_config(None, ["train.algorithm=dpo", "dpo.pairs_per_step=8"])
+    policy = copy.deepcopy(ref_model)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    overrides = ["train.algorithm=dpo", "dpo.pairs_per_step=8", "dpo.beta=0.5"]
+    cfg = load_config(None, overrides)
     ref = ReferenceLogps(tok.pad_token_id, model=ref_model)
     algo = DPO(cfg, tok, enc, [], engine=None, ref=ref)
-    full = algo.make_batch(0, ref_model)
-    cfg3 = load_config(
-        None, ["train.algorithm=dpo", "dpo.pairs_per_step=8", "train.micro_batch_size_per_device=3"]
-    )
+    full = algo.make_batch(0, policy)
+    cfg3 = load_config(None, [*overrides, "train.micro_batch_size_per_device=3"])
     algo3 = DPO(cfg3, tok, enc, [], engine=None, ref=ref)
-    split = algo3.make_batch(0, ref_model)
+    split = algo3.make_batch(0, policy)
     assert [mb["input_ids"].shape[0] for mb in split.micro_batches] == [6, 6, 4]
 
     def total(algo, batch):
         loss, shares = 0.0, {}
         for mb in batch.micro_batches:
             with torch.no_grad():
-                out = ref_model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
+                out = policy(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
             lo, sh = algo.loss(out, mb, batch)
             loss += float(lo)
             for k, v in sh.items():
@@ -256,11 +298,39 @@ def test_dpo_loss_shares_sum_to_the_mean_over_pairs(tok, ref_model, tiny_model_d
         return loss, shares
 
     (la, sa), (lb, sb) = total(algo, full), total(algo3, split)
-    assert la == pytest.approx(lb, abs=1e-6)
-    for k in sa:
-        assert sa[k] == pytest.approx(sb[k], abs=1e-5), k
-    # policy == reference: every implicit reward is 0, the loss is log 2
-    assert la == pytest.approx(0.693147, abs=1e-5) and sa["margin"] == pytest.approx(0, abs=1e-5)
+
+    # the expectation, pair by pair: unpadded forwards, log-softmax summed by hand
+    logps = {
+        name: torch.tensor(
+            [
+                [_hand_logp(model, p.chosen_ids, p.chosen_mask) for p in enc],
+                [_hand_logp(model, p.rejected_ids, p.rejected_mask) for p in enc],
+            ]
+        )
+        for name, model in (("policy", policy), ("ref", ref_model))
+    }
+    pw, pl = logps["policy"]
+    rw, rl = logps["ref"]
+    pair_loss, _ = losses.preference_loss(pw, pl, rw, rl, kind="sigmoid", beta=0.5)
+    h = 0.5 * ((pw - rw) - (pl - rl))  # and the sigmoid loss itself, from its formula
+    torch.testing.assert_close(pair_loss, -torch.nn.functional.logsigmoid(h).float())
+    want = {
+        "loss": float(pair_loss.mean()),
+        "margin": float(h.mean()),
+        "rewards/chosen": float((0.5 * (pw - rw)).mean()),
+        "rewards/rejected": float((0.5 * (pl - rl)).mean()),
+        "accuracy": float((h > 0).double().mean()),
+        "logps/chosen": float(pw.mean()),
+        "logps/rejected": float(pl.mean()),
+    }
+    # the test can tell: the policy moved away from the reference and the pairs disagree
+    assert abs(want["loss"] - 0.693147) > 0.01 and float(pair_loss.std()) > 0.05
+    assert 0 < want["accuracy"] < 1
+    for got_loss, got in ((la, sa), (lb, sb)):
+        assert got_loss == pytest.approx(want["loss"], abs=1e-5)
+        assert set(got) == set(want) - {"loss"}
+        for k in got:
+            assert got[k] == pytest.approx(want[k], abs=1e-4, rel=1e-5), k
 
 
 # ----------------------------------------------------------------------------- reference cache
