@@ -20,6 +20,9 @@ def _train(args: argparse.Namespace) -> int:
     from posttrain.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
+    from posttrain.runtime.logging import route_third_party
+
+    route_third_party(cfg.train.output_dir, verbose=cfg.log.verbose)
     from posttrain.trainer import Trainer
 
     Trainer(cfg).train()
@@ -27,9 +30,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from posttrain.config import load_config
     from posttrain.eval.command import format_table, run_eval, split_args
+    from posttrain.runtime.logging import route_third_party
 
     recipe, overrides = split_args(args.args)
+    # third-party logs go next to the report (log.verbose shows them too)
+    verbose = load_config(recipe, overrides).log.verbose
+    route_third_party(Path(args.out).parent, verbose=verbose)
     report = run_eval(args.model, recipe, overrides, args.out)
     print(format_table(report))
     print(f"  results + settings: {args.out}", flush=True)
@@ -127,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown[:1] == ["--"]:
         unknown = unknown[1:]
     args.vllm_args = unknown  # rollout-server: what it does not know (after MODEL) is vLLM's
+    if args.command in ("train", "eval"):
+        from posttrain.runtime.logging import route_third_party
+
+        # before any third-party import (vLLM configures its logging when imported); the run
+        # directory is named once the config is loaded
+        route_third_party(None)
     try:
         return int(args.fn(args))
     except ConfigError as err:

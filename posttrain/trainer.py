@@ -89,7 +89,11 @@ class Trainer:
     def __init__(self, config: Config) -> None:
         self.cfg = config
         gc.collect()  # finalise engines of earlier Trainers now, not midway through this init
-        dist.init_distributed(config.train.dist_timeout_s)
+        # quiet console: third-party logs -> <output_dir>/third_party.log (runtime/logging.py)
+        from posttrain.runtime.logging import quiet_console
+
+        with quiet_console(config.train.output_dir, verbose=config.log.verbose):
+            dist.init_distributed(config.train.dist_timeout_s)
         set_seed(config.train.seed)
         self.out = Path(config.train.output_dir)
         created = not self.out.exists()

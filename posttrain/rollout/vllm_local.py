@@ -44,6 +44,7 @@ from posttrain.errors import ConfigError
 from posttrain.models import resolve_model_path
 from posttrain.rollout.engine import Rollout, SamplingConfig, check_sampling
 from posttrain.rollout.memory import SleepCycle, auto_memory_fraction
+from posttrain.runtime.logging import third_party_output
 
 _GIB = 1 << 30
 
@@ -159,13 +160,16 @@ class VLLMEngine:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=1)
         kwargs.update(llm_kwargs)
 
-        from vllm import LLM
-
         rng = _rng_state()
         set_num_threads = torch.set_num_threads  # the CPU worker swaps in a no-op
         start = time.perf_counter()
         try:
-            self.llm = LLM(**kwargs)
+            # What vLLM prints while it starts (torch's C++ NUMA warning, its loading bar, import
+            # warnings) goes to the run's third_party.log once the run routed it there.
+            with third_party_output():
+                from vllm import LLM
+
+                self.llm = LLM(**kwargs)
         finally:
             _restore_rng(rng)
             torch.set_num_threads = set_num_threads

@@ -1,15 +1,34 @@
-"""Run logging: metrics.jsonl (one JSON object a line), wandb (offline by default), tqdm, PNG plots.
+"""Run logging: metrics.jsonl (one JSON object a line), wandb (offline by default), tqdm, PNG plots,
+and the quiet console (third-party logs to ``<output_dir>/third_party.log``).
 
-Only rank 0 writes (``RANK`` unset or ``"0"``); the other ranks get a logger that does nothing and a
-disabled progress bar, so callers never branch on the rank.
+Only rank 0 writes metrics (``RANK`` unset or ``"0"``); the other ranks get a logger that does
+nothing and a disabled progress bar, so callers never branch on the rank.
+
+Quiet console (`route_third_party`, `third_party_output`): what vLLM, DeepSpeed, transformers,
+torch, Triton, datasets, httpx... log through Python logging, the warnings their own code issues,
+and what they print (Python or C level) during the noisy setup calls, goes to
+``<output_dir>/third_party.log`` instead of the console; ``verbose=True`` (``log.verbose``) shows
+it on the console too. Every rank writes its own file: ``third_party.log`` on rank 0,
+``third_party.rank{N}.log`` on rank N. Never hidden: posttrain's own logs and warnings, Python
+tracebacks, posttrain's one-line errors, third-party records at ERROR and above, and what a
+captured call printed before it raised (replayed to stderr). Records logged before the run
+directory exists are held in memory and written once it does (a run that stops on a ConfigError
+before creating it leaves nothing behind). Once routed, the process stays routed; a later run
+writes to its own directory, a nested run (the SFT warm-up in ``<output_dir>/sft-warmup``) to its
+parent's file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +86,7 @@ class RunLogger:
         self.metrics_path = self.out_dir / METRICS_FILE
         self._file = None
         self._wandb_run: Any = None
+        adopt_third_party_loggers()  # the loggers of libraries imported while the run was built
         if self.enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._file = self.metrics_path.open("a", encoding="utf-8")
@@ -135,6 +155,7 @@ def progress(iterable_or_total: Iterable[Any] | int | None = None, desc: str = "
     """
     from tqdm.auto import tqdm
 
+    adopt_third_party_loggers()
     if isinstance(iterable_or_total, int):
         return tqdm(total=iterable_or_total, desc=desc, mininterval=1.0, disable=not is_rank_zero())
     return tqdm(iterable_or_total, desc=desc, mininterval=1.0, disable=not is_rank_zero())
@@ -230,3 +251,320 @@ def plot_curves(
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+# ----------------------------------------------------------------------------- quiet console
+THIRD_PARTY_LOG = "third_party.log"
+# Top-level logger names sent to the third-party log (their child loggers too). Not wandb: it
+# logs to its own debug.log in the run directory and never to the console.
+THIRD_PARTY_LOGGERS = (
+    "vllm",
+    "DeepSpeed",
+    "deepspeed",
+    "torch",
+    "transformers",
+    "datasets",
+    "huggingface_hub",
+    "triton",
+    "httpx",
+    "httpcore",
+    "urllib3",
+    "filelock",
+    "accelerate",
+    "peft",
+    "safetensors",
+    "tokenizers",
+    "matplotlib",
+    "PIL",
+    "fsspec",
+    "dill",
+    "numexpr",
+    "openai",
+    "aiohttp",
+)
+# vLLM's own line format, so its lines read the same in the file as on its console
+_FORMAT = (
+    "(%(processName)s pid=%(process)d) %(levelname)s %(asctime)s "
+    "[%(filename)s:%(lineno)d] %(message)s"
+)
+_DATEFMT = "%m-%d %H:%M:%S"
+_MAX_PENDING = 20_000  # lines held while the run directory does not exist yet
+_POSTTRAIN_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def third_party_log_name(rank: int | None = None) -> str:
+    """This rank's third-party log file name: ``third_party.log`` (rank 0), else
+    ``third_party.rank{N}.log``; the rank defaults to env ``RANK``."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0") or 0)
+    return THIRD_PARTY_LOG if rank == 0 else f"third_party.rank{rank}.log"
+
+
+class _RunFile(logging.Handler):
+    """Appends to a run's third-party log; holds lines in memory while its directory is missing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
+        self.path: Path | None = None
+        self._file: Any = None
+        self._pending: list[str] = []
+
+    def set_path(self, path: Path) -> None:
+        with self.lock:
+            if path == self.path:
+                return
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            self.path = path
+
+    def _open(self) -> Any:
+        if self._file is None and self.path is not None and self.path.parent.is_dir():
+            self._file = self.path.open("a", encoding="utf-8", errors="replace")
+            self._file.write("".join(self._pending))
+            self._pending.clear()
+        return self._file
+
+    def write(self, text: str) -> None:
+        """Append raw text (a formatted record, a warning, captured output)."""
+        with self.lock:
+            f = self._open()
+            if f is None:
+                self._pending.append(text)
+                del self._pending[:-_MAX_PENDING]
+                return
+            f.write(text)
+            f.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        with self.lock, contextlib.suppress(OSError):
+            if self._open() is not None:
+                self._file.flush()
+
+    def close(self) -> None:
+        with self.lock:
+            self.flush()
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        super().close()
+
+
+class _RealStderr(logging.StreamHandler):
+    """Writes to stderr, the real one while `third_party_output` captures the block's output."""
+
+    def __init__(self, level: int = logging.NOTSET, fmt: str = _FORMAT) -> None:
+        logging.Handler.__init__(self, level)
+        self.setFormatter(logging.Formatter(fmt, _DATEFMT))
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return _STATE.real_stderr or sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+class _Console(_RealStderr):
+    """Third-party records on the console: all of them with verbose, else ERROR and above."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _STATE.verbose or record.levelno >= logging.ERROR:
+            super().emit(record)
+
+
+class _Routing:
+    def __init__(self) -> None:
+        self.installed = False
+        self.verbose = False
+        self.file = _RunFile()
+        self.console = _Console()
+        self.real_stderr: Any = None  # set while `third_party_output` captures
+        self.showwarning: Any = None  # warnings.showwarning before ours
+
+
+_STATE = _Routing()
+# logging's last resort (posttrain's own warnings when nobody configured logging), kept on the
+# real console while output is captured
+_LAST_RESORT = _RealStderr(logging.WARNING, "%(message)s")
+
+
+def _third_party_file(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    in_packages = "site-packages" in path or "dist-packages" in path
+    return in_packages and not path.startswith(_POSTTRAIN_DIR)
+
+
+def _showwarning(
+    message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """Warnings issued from third-party code go to the third-party log (console too if verbose)."""
+    if file is None and _third_party_file(str(filename)):
+        _STATE.file.write(warnings.formatwarning(message, category, filename, lineno, line))
+        if not _STATE.verbose:
+            return
+    if file is None and _STATE.real_stderr is not None:
+        file = _STATE.real_stderr
+    (_STATE.showwarning or warnings._showwarning_orig)(  # type: ignore[attr-defined]
+        message, category, filename, lineno, file, line
+    )
+
+
+def _install() -> None:
+    if _STATE.installed:
+        return
+    _STATE.installed = True
+    # vLLM puts a console handler on its logger at import, and again in `LLM(...)`, unless told
+    # not to; its records then reach our handlers at its own level.
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    vllm = logging.getLogger("vllm")
+    if vllm.level == logging.NOTSET:
+        try:
+            vllm.setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
+        except ValueError:
+            vllm.setLevel(logging.INFO)
+    if _STATE.showwarning is None:
+        _STATE.showwarning = warnings.showwarning
+        warnings.showwarning = _showwarning
+
+
+def adopt_third_party_loggers() -> None:
+    """Route the third-party loggers that exist now: our file + console handlers on each top-level
+    name, and no console handler of their own (libraries add theirs when imported: DeepSpeed,
+    transformers, datasets, torch). No-op until `route_third_party` was called."""
+    if not _STATE.installed:
+        return
+    ours = (_STATE.file, _STATE.console)
+    for name in THIRD_PARTY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in ours:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        logger.propagate = False
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        if name.split(".", 1)[0] not in THIRD_PARTY_LOGGERS:
+            continue
+        console = [
+            h
+            for h in logger.handlers
+            if isinstance(h, logging.StreamHandler)
+            and not isinstance(h, logging.FileHandler)
+            and h not in ours
+        ]
+        for handler in console:
+            logger.removeHandler(handler)
+        if console and "." in name:
+            logger.propagate = True  # its records now reach the top-level logger's handlers
+
+
+def route_third_party(output_dir: str | Path | None, *, verbose: bool = False) -> None:
+    """Send third-party logs and warnings to ``<output_dir>/third_party.log`` from now on.
+
+    Call it as early as possible (before vLLM is imported); with ``output_dir=None`` records are
+    held until a later call names the directory. A directory inside the current one (a nested
+    run: the SFT warm-up) keeps the current file. Idempotent; the process stays routed.
+
+    Args:
+        output_dir: the run directory (may not exist yet: lines are held until it does).
+        verbose: also show third-party records and warnings on the console.
+    """
+    _install()
+    _STATE.verbose = bool(verbose)
+    if output_dir is not None:
+        path = Path(output_dir).resolve() / third_party_log_name()
+        current = _STATE.file.path
+        if current is None or not path.parent.is_relative_to(current.parent):
+            _STATE.file.set_path(path)
+    adopt_third_party_loggers()
+
+
+def _flush_c_stdio() -> None:
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+
+
+@contextlib.contextmanager
+def third_party_output() -> Iterator[None]:
+    """Send what the block prints (Python or C level: DeepSpeed's op builder, torch's C++
+    warnings, vLLM's loading bar) to the third-party log, then re-route the loggers its imports
+    created.
+
+    Does not capture before `route_third_party`, with verbose, when nested, or when the
+    standard file descriptors cannot be duplicated. If the block raises (other than a
+    ConfigError), the captured text is also written to stderr before the exception propagates.
+    """
+    saved: tuple[int, int] | None = None
+    if _STATE.installed and not _STATE.verbose and _STATE.real_stderr is None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        _flush_c_stdio()
+        try:
+            saved = (os.dup(1), os.dup(2))
+        except OSError:
+            saved = None
+    if saved is None:
+        try:
+            yield
+        finally:
+            adopt_third_party_loggers()
+        return
+    failed, captured = False, ""
+    try:
+        with (
+            tempfile.TemporaryFile() as tmp,
+            open(tmp.fileno(), "w", encoding="utf-8", buffering=1, closefd=False) as text,
+            open(saved[1], "w", encoding="utf-8", errors="replace", closefd=False) as real,
+        ):
+            old = (sys.stdout, sys.stderr, logging.lastResort)
+            os.dup2(tmp.fileno(), 1)
+            os.dup2(tmp.fileno(), 2)
+            sys.stdout = sys.stderr = text
+            logging.lastResort = _LAST_RESORT
+            _STATE.real_stderr = real
+            try:
+                yield
+            except ConfigError:
+                raise
+            except Exception:
+                failed = True
+                raise
+            finally:
+                text.flush()
+                _flush_c_stdio()
+                sys.stdout, sys.stderr, logging.lastResort = old
+                _STATE.real_stderr = None
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                tmp.seek(0)
+                captured = tmp.read().decode("utf-8", "replace")
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
+        if captured:
+            _STATE.file.write(captured if captured.endswith("\n") else captured + "\n")
+            if failed:
+                sys.stderr.write(captured)
+                sys.stderr.flush()
+        adopt_third_party_loggers()
+
+
+@contextlib.contextmanager
+def quiet_console(output_dir: str | Path, *, verbose: bool = False) -> Iterator[None]:
+    """`route_third_party(output_dir, verbose=verbose)`, then `third_party_output()` around the
+    block (a run's first, noisy setup call: DeepSpeed's init)."""
+    route_third_party(output_dir, verbose=verbose)
+    with third_party_output():
+        yield

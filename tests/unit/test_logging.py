@@ -1,10 +1,17 @@
-"""posttrain.runtime.logging: metrics.jsonl, wandb offline/disabled, ranks, progress, PNG curves."""
+"""posttrain.runtime.logging: metrics.jsonl, wandb offline/disabled, ranks, progress, PNG curves,
+the quiet console (third-party logs to the run's third_party.log)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import subprocess
 import sys
+import textwrap
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +143,171 @@ def test_plot_curves_writes_png_atomically(tmp_path):
     from matplotlib.image import imread
 
     assert imread(out).shape[:2] == (two[1], two[0])
+
+
+# ----------------------------------------------------------------------------- quiet console
+@pytest.fixture
+def routing(monkeypatch):
+    """posttrain.runtime.logging with a fresh, unrouted quiet-console state; every logger, the
+    warnings hook and VLLM_CONFIGURE_LOGGING are restored after the test."""
+    import posttrain.runtime.logging as rl
+
+    monkeypatch.setattr(rl, "_STATE", rl._Routing())
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.setenv("VLLM_CONFIGURE_LOGGING", "1")  # records the original value ...
+    monkeypatch.delenv("VLLM_CONFIGURE_LOGGING")  # ... and unset, so routing sets it
+    loggers = logging.root.manager.loggerDict
+    saved = {
+        name: (lg.handlers[:], lg.propagate, lg.level)
+        for name, lg in loggers.items()
+        if isinstance(lg, logging.Logger)
+    }
+    yield rl
+    rl._STATE.file.close()
+    for name, lg in list(loggers.items()):
+        if isinstance(lg, logging.Logger):
+            handlers, propagate, level = saved.get(name, ([], True, logging.NOTSET))
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
+            lg.setLevel(level)
+
+
+def test_third_party_logs_wait_for_the_run_dir_then_go_to_its_file(routing, tmp_path, capsys):
+    run = tmp_path / "run"
+    routing.route_third_party(run)
+    assert os.environ["VLLM_CONFIGURE_LOGGING"] == "0"  # vLLM adds no console handler
+    logging.getLogger("vllm.model_executor").info("Reloading weights inplace...")
+    logging.getLogger("DeepSpeed").warning("a DeepSpeed notice")
+    assert not run.exists()  # held in memory: a run that stops early leaves nothing behind
+    run.mkdir()
+    logging.getLogger("transformers.generation").warning("a transformers warning")
+    logging.getLogger("posttrain").warning("our own warning")
+    text = (run / "third_party.log").read_text()
+    for line in ("Reloading weights inplace...", "a DeepSpeed notice", "a transformers warning"):
+        assert line in text
+    assert "INFO" in text and "[test_logging.py:" in text  # vLLM's format: level, file:line
+    assert "our own warning" not in text  # posttrain's logger is not routed
+    assert "Reloading" not in capsys.readouterr().err
+    logging.getLogger("vllm").error("EngineCore died")  # errors are never hidden
+    assert "EngineCore died" in capsys.readouterr().err
+
+
+def test_verbose_shows_third_party_records_too(routing, tmp_path, capsys):
+    routing.route_third_party(tmp_path, verbose=True)
+    logging.getLogger("vllm").info("Successfully reset prefix cache")
+    err = capsys.readouterr().err
+    assert "INFO" in err and "Successfully reset prefix cache" in err
+    assert "Successfully reset prefix cache" in (tmp_path / "third_party.log").read_text()
+    routing.route_third_party(tmp_path, verbose=False)
+    logging.getLogger("vllm").info("quiet again")
+    assert "quiet again" not in capsys.readouterr().err
+
+
+def test_rank_files_and_nested_runs(routing, tmp_path, monkeypatch):
+    assert routing.third_party_log_name(0) == "third_party.log"
+    assert routing.third_party_log_name(3) == "third_party.rank3.log"
+    monkeypatch.setenv("RANK", "2")
+    routing.route_third_party(tmp_path / "a")
+    assert routing._STATE.file.path == (tmp_path / "a" / "third_party.rank2.log").resolve()
+    routing.route_third_party(tmp_path / "a" / "sft-warmup")  # the warm-up writes to its parent's
+    assert routing._STATE.file.path.parent == (tmp_path / "a").resolve()
+    routing.route_third_party(tmp_path / "b")  # a later, separate run gets its own file
+    assert routing._STATE.file.path.parent == (tmp_path / "b").resolve()
+
+
+def test_library_console_handlers_are_replaced(routing):
+    lib = logging.getLogger("datasets")
+    lib_console = logging.StreamHandler(sys.stderr)
+    lib.addHandler(lib_console)
+    child = logging.getLogger("torch.fake_child")
+    child_console = logging.StreamHandler(sys.stderr)
+    child.addHandler(child_console)
+    child.propagate = False
+    app = logging.getLogger("someapp")
+    app_console = logging.StreamHandler(sys.stderr)
+    app.addHandler(app_console)
+    routing.route_third_party(None)
+    assert lib_console not in lib.handlers and routing._STATE.file in lib.handlers
+    assert not lib.propagate
+    assert child_console not in child.handlers and child.propagate  # reaches "torch"'s handlers
+    assert app.handlers == [app_console]  # not a third-party library: untouched
+    app.removeHandler(app_console)
+
+
+def test_warnings_of_third_party_code_go_to_the_file(routing, tmp_path):
+    shown = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        routing.route_third_party(tmp_path)
+        routing._STATE.showwarning = lambda message, *rest: shown.append(str(message))
+        lib = "/venv/lib/python3.11/site-packages/vllm/triton_utils/dispatcher.py"
+        warnings.warn_explicit("reduce_op is deprecated", FutureWarning, lib, 138)
+        ours = str(Path(routing.__file__).parent.parent / "trainer.py")
+        warnings.warn_explicit("our own warning", UserWarning, ours, 1)
+    assert shown == ["our own warning"]
+    assert "FutureWarning: reduce_op is deprecated" in (tmp_path / "third_party.log").read_text()
+
+
+CAPTURE_SCRIPT = """
+import ctypes, logging, os, sys
+from posttrain.errors import ConfigError
+from posttrain.runtime.logging import route_third_party, third_party_output
+
+run = sys.argv[1]
+with third_party_output():  # not routed yet: nothing is captured
+    print("before routing")
+route_third_party(run)
+with third_party_output():
+    print("python stdout noise")
+    print("python stderr noise", file=sys.stderr)
+    os.write(1, b"C stdout noise\\n")
+    os.write(2, b"C stderr noise\\n")
+    ctypes.CDLL(None).printf(b"libc buffered noise\\n")
+    logging.getLogger("posttrain").warning("posttrain warning inside")
+    logging.getLogger("vllm").error("vllm error inside")
+print("after the block", flush=True)
+os.makedirs(run)
+try:
+    with third_party_output():
+        print("noise before a crash")
+        raise RuntimeError("boom")
+except RuntimeError:
+    pass
+try:
+    with third_party_output():
+        print("noise before a config error")
+        raise ConfigError("bad value")
+except ConfigError:
+    pass
+"""
+
+
+def test_captured_output_goes_to_the_file_and_is_replayed_on_a_crash(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CAPTURE_SCRIPT), str(run)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "before routing\nafter the block\n"
+    # never hidden: posttrain's own warnings, third-party errors, what a crashing call printed
+    for line in ("posttrain warning inside", "vllm error inside", "noise before a crash"):
+        assert line in proc.stderr
+    for line in ("python stderr", "C stderr", "libc", "noise before a config error"):
+        assert line not in proc.stderr, proc.stderr
+    text = (run / "third_party.log").read_text()
+    for line in (
+        "python stdout noise",
+        "python stderr noise",
+        "C stdout noise",
+        "C stderr noise",
+        "libc buffered noise",
+        "vllm error inside",
+        "noise before a crash",
+        "noise before a config error",
+    ):
+        assert line in text
+    assert "posttrain warning inside" not in text
