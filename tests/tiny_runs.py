@@ -28,6 +28,17 @@ TINY_RUN = (
 )
 
 
+# recipes/quickstart.yaml cut to seconds (the recipe's vLLM engine): what the quickstart tests run
+REDUCED_QUICKSTART = (
+    "warmup.steps=20",
+    "train.steps=2",
+    "rollout.prompts_per_step=4",
+    "train.micro_batch_size_per_device=32",
+    "eval.num_problems=16",
+    "eval.seeds=[0,1]",
+)
+
+
 def tiny_cfg(out: Path, model: Path, *extra: str) -> Config:
     """`TINY_RUN` on `model` writing to `out`; `extra` overrides win."""
     return load_config(None, [f"model.path={model}", f"train.output_dir={out}", *TINY_RUN, *extra])

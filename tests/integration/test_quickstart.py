@@ -11,20 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_runs import REDUCED_QUICKSTART
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 
 pytestmark = pytest.mark.slow
 
-REDUCED = [
-    "warmup.steps=20",
-    "train.steps=2",
-    "rollout.prompts_per_step=4",
-    "train.micro_batch_size_per_device=32",
-    "eval.num_problems=16",
-    "eval.seeds=[0,1]",
-    "log.wandb=offline",
-]
+REDUCED = [*REDUCED_QUICKSTART, "log.wandb=offline"]
 
 
 def _greedy_accuracy(model_dir: Path, rows: list[dict], cfg) -> float:

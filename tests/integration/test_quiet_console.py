@@ -11,21 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_runs import REDUCED_QUICKSTART
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 
 pytestmark = pytest.mark.slow
 
-# test_quickstart.py's reduced quickstart (rollout.engine: vllm, as in the recipe)
-REDUCED = [
-    "warmup.steps=20",
-    "train.steps=2",
-    "rollout.prompts_per_step=4",
-    "train.micro_batch_size_per_device=32",
-    "eval.num_problems=16",
-    "eval.seeds=[0,1]",
-    "log.wandb=disabled",
-]
+REDUCED = [*REDUCED_QUICKSTART, "log.wandb=disabled"]
 # What the third-party libraries print: vLLM's "(MainProcess pid=1) INFO 12-04 18:13:12
 # [layerwise.py:266] ..." lines, DeepSpeed's op builder, Triton, torch's C++ warnings,
 # Python warnings from their code, vLLM's weight-loading bar.
