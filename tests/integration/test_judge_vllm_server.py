@@ -24,10 +24,10 @@ import pytest
 
 from rewards import judge as judge_mod
 from rewards.boundary import score
-from rewards.judge import judge_verifier
 from rewards.registry import RewardSpec
 from rewards.rubric import rubric
 from rewards.startup import validate_rewards
+from rewards.verifier import judge_verifier
 from tests.servers import free_port, stop, wait_healthy
 
 pytestmark = [
