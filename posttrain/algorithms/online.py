@@ -52,7 +52,8 @@ def sequences_to_tensors(
     for i, s in enumerate(samples):
         start, n = len(s.rollout.prompt_ids) - 1, len(s.rollout.completion_ids)
         if s.valid and n:
-            mask[i, start : start + n] = 1.0
+            sampled = s.rollout.completion_mask  # episodes: observation tokens get mask 0
+            mask[i, start : start + n] = 1.0 if sampled is None else torch.tensor(sampled[:n])
         adv[i, start : start + n] = float(advantages[i])
         logp_roll[i, start : start + n] = torch.tensor(s.rollout.logprobs[:n], dtype=torch.float)
     return {

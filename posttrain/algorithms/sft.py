@@ -25,6 +25,7 @@ from posttrain.data.packing import (
 from posttrain.data.splits import load_train_eval_rows
 from posttrain.data.stream import RowStream
 from posttrain.data.tensors import chunk_indices, pad_right, shard_for_rank
+from posttrain.envs.runs import transcript_rows
 from posttrain.errors import ConfigError
 from posttrain.runtime import distributed as dist
 
@@ -50,7 +51,7 @@ def encode_row(tokenizer: Any, row: dict[str, Any], cfg: Config, index: int) -> 
     """
     prompt = row[cfg.data.prompt_column]
     if row.get(cfg.data.completion_column) is None and is_conversation(prompt):
-        return encode_messages(tokenizer, prompt, cfg.data.system_prompt)
+        return encode_messages(tokenizer, prompt, cfg.data.system_prompt, row.get("tools"))
     return encode_sft(tokenizer, prompt, completion_of(row, cfg, index), cfg.data.system_prompt)
 
 
@@ -160,6 +161,8 @@ def _max_over_ranks(n: int) -> int:
 
 
 def build_sft(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> SFT:
-    """SFT on the run's training rows."""
+    """SFT on the run's training rows (an environment's: its synthetic transcripts)."""
+    if cfg.env.name is not None:
+        return SFT(cfg, tokenizer, transcript_rows(cfg))
     train, _ = load_train_eval_rows(cfg)
     return SFT(cfg, tokenizer, train)

@@ -77,6 +77,7 @@ def validate(cfg: Config) -> None:
     _validate_sft_dpo_rm(cfg)
     _validate_ppo(cfg)
     _validate_research_methods(cfg)
+    _validate_env(cfg)
     _validate_lora_deepspeed(cfg)
     if cfg.model.path != "tiny" and Path(cfg.model.path).anchor == "/":
         _check(
@@ -240,6 +241,27 @@ def _validate_sft_dpo_rm(cfg: Config) -> None:
     for name, sec in (("dpo", d), ("reward_model", rm)):
         _check(sec.pairs_per_step >= 1, f"{name}.pairs_per_step must be >= 1")
         _check(sec.max_length >= 2, f"{name}.max_length must be >= 2 tokens")
+
+
+# the algorithms that sample from a rollout source, so can play episodes
+EPISODE_ALGORITHMS = ("grpo", "rebel", "online_dpo")
+
+
+def _validate_env(cfg: Config) -> None:
+    """`env.*`: limits, and an environment only with an algorithm that samples episodes."""
+    e = cfg.env
+    _check(e.max_turns >= 1, "env.max_turns must be >= 1")
+    _check(e.max_episode_tokens >= 1, "env.max_episode_tokens must be >= 1")
+    _check(e.tool_timeout_s > 0, "env.tool_timeout_s must be > 0 (seconds)")
+    _check(e.tool_output_chars >= 16, "env.tool_output_chars must be >= 16")
+    if e.name is None:
+        _check(cfg.data.source != "env", "data.source=env needs env.name (an environment)")
+        return
+    _check(
+        cfg.train.algorithm in (*EPISODE_ALGORITHMS, "sft"),
+        f"env.name={e.name!r} needs train.algorithm in {EPISODE_ALGORITHMS} (or sft on its "
+        f"transcripts), not {cfg.train.algorithm!r}",
+    )
 
 
 def _validate_research_methods(cfg: Config) -> None:

@@ -165,7 +165,7 @@ def replace(cfg: Config, **sections: dict) -> Config:
 
 
 # What an SFT run reads; the SFT warm-up of an RL run inherits these sections and nothing else
-WARMUP_INHERITS = ("model", "data", "optim", "train", "sft", "log")
+WARMUP_INHERITS = ("model", "data", "optim", "train", "sft", "log", "env")
 
 
 def warmup_config(cfg: Config, model_path: str, output_dir: str) -> Config:

@@ -335,6 +335,29 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class EnvConfig:
+    """A multi-turn environment (`name: null` = single-turn prompts).
+
+    `name` is a registered environment (posttrain/envs/__init__.py: calculator, guess_number,
+    code_feedback) or a `package.module:Class` import path; `kwargs` go to its constructor (one
+    instance per episode). With an environment, `data.source: env` takes its built-in task rows.
+    Limits: assistant turns per episode, tokens after the prompt per episode (sampled and
+    observations; `rollout.max_new_tokens` per turn), a tool's wall time and output characters
+    (longer output is cut with a marker), an environment step's wall time (a step running longer
+    masks its episode). `tool_parser`: the tool-call format of the model.
+    """
+
+    name: str | None = None
+    kwargs: dict = field(default_factory=dict)
+    max_turns: int = 4
+    max_episode_tokens: int = 256
+    tool_timeout_s: float = 10.0
+    tool_output_chars: int = 2000
+    step_timeout_s: float = 60.0
+    tool_parser: str = "hermes"
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run."""
 
@@ -356,6 +379,7 @@ class Config:
     rebel: RebelConfig = field(default_factory=RebelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
 
 
 # The valid values of every string option. Names the math defines come from its registries (the

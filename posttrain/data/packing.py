@@ -38,14 +38,19 @@ def is_conversation(value: Any) -> bool:
     )
 
 
-def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+def _render(
+    tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool, tools: Any = None
+) -> str:
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
+        messages, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt
     )
 
 
 def encode_messages(
-    tokenizer: Any, messages: Sequence[dict[str, Any]], system_prompt: str | None = None
+    tokenizer: Any,
+    messages: Sequence[dict[str, Any]],
+    system_prompt: str | None = None,
+    tools: Sequence[Any] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Tokenize a whole conversation; the mask is 1 on every assistant reply (content + EOS).
 
@@ -57,19 +62,21 @@ def encode_messages(
         tokenizer: fast tokenizer with a chat template.
         messages: `{"role", "content"}` dicts, at least one with role `assistant`.
         system_prompt: prepended as a system message unless the conversation has one.
+        tools: tool functions or JSON schemas rendered by the template (`tools=`), as a
+            multi-turn environment's episodes are.
 
     Returns:
         (input_ids [L], mask [L]) with the mask not shifted.
     """
     msgs = to_messages(list(messages), system_prompt)
     eos = tokenizer.eos_token
-    full = _render(tokenizer, msgs, False)
+    full = _render(tokenizer, msgs, False, tools)
     spans = []
     for k, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        head = _render(tokenizer, msgs[:k], True)
-        turn = _render(tokenizer, msgs[: k + 1], False)
+        head = _render(tokenizer, msgs[:k], True, tools)
+        turn = _render(tokenizer, msgs[: k + 1], False, tools)
         if not (full.startswith(head) and full.startswith(turn)):
             raise ConfigError(
                 "the tokenizer's chat template is not prefix-stable (rendering the first turns "

@@ -25,6 +25,12 @@ EOS_TOKEN = "<|im_end|>"
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, EOS_TOKEN)
 
 CHAT_TEMPLATE = (
+    # tools (multi-turn environments): one compact line, "Tools: add(a, b), multiply(a, b)"
+    "{%- if tools %}{{- '<|im_start|>system\\nTools: ' }}"
+    "{%- for t in tools %}{{- t['function']['name'] + '(' }}"
+    "{{- t['function']['parameters']['properties'] | list | join(', ') }}{{- ')' }}"
+    "{%- if not loop.last %}{{- ', ' }}{%- endif %}{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}{%- endif %}"
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{%- endfor %}"

@@ -49,7 +49,11 @@ class Rollout:
             len(logprobs) == len(completion_ids).
         text: decoded completion (special tokens skipped).
         finish_reason: "stop" (EOS sampled) or "length" (max_new_tokens reached).
-        weight_version: the engine's weight version the sample was drawn with.
+        weight_version: the engine's weight version the sample was drawn with (an episode's
+            oldest turn).
+        completion_mask: per completion token, 1 if the engine sampled it and 0 if it is an
+            observation appended by an environment; None when all were sampled.
+        turn_versions: an episode's weight version per sampled turn (empty for one turn).
     """
 
     prompt_index: int
@@ -59,6 +63,10 @@ class Rollout:
     text: str
     finish_reason: str  # "stop" | "length"
     weight_version: int
+    # multi-turn episodes (rollout/episodes.py): 1 on sampled tokens, 0 on observation tokens
+    # (None: every completion token was sampled), and the weight version of each sampled turn
+    completion_mask: list[int] | None = None
+    turn_versions: tuple[int, ...] = ()
 
 
 def check_sampling(sampling: SamplingConfig) -> None:

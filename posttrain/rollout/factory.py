@@ -10,10 +10,12 @@ from typing import Any
 from posttrain.config import Config
 from posttrain.data.curriculum import load_stage_rows
 from posttrain.data.splits import load_train_eval_rows
+from posttrain.envs.runs import env_factory, env_rows
 from posttrain.errors import ConfigError
 from posttrain.models import load_policy
 from posttrain.rollout import make_engine
 from posttrain.rollout.async_source import AsyncRolloutSource
+from posttrain.rollout.episode_source import EpisodeSource
 from posttrain.rollout.server_ranks import make_server_engine
 from posttrain.rollout.sharded import ShardedEngine, make_vllm_replica
 from posttrain.rollout.source import RolloutSource, SampleSource
@@ -39,7 +41,7 @@ def make_rollout_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
     r = cfg.rollout
     if r.engine == "vllm":
         kw: dict[str, Any] = {
-            "max_model_len": cfg.data.max_prompt_tokens + r.max_new_tokens,
+            "max_model_len": max_model_len(cfg),
             "seed": cfg.train.seed,
             "kv_cache_gib": r.kv_cache_gib,
             "gpu_memory_utilization": r.gpu_memory_utilization,
@@ -88,8 +90,29 @@ def _make_server_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
     )
 
 
+def max_model_len(cfg: Config) -> int:
+    """The longest sequence the engine holds: prompt + completion (+ an episode's later turns)."""
+    extra = cfg.env.max_episode_tokens if cfg.env.name is not None else 0
+    return cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens + extra
+
+
+def make_episode_source(cfg: Config, model_path: str, tokenizer: Any) -> SampleSource:
+    """Multi-turn episodes of `env.name` (rewards checked against the task rows)."""
+    train, held = env_rows(cfg)
+    check_rewards(cfg, train)
+    factory = env_factory(cfg)
+    engine = make_rollout_engine(cfg, model_path, tokenizer)
+    source = EpisodeSource(cfg, tokenizer, engine, train, held, factory)
+    if cfg.rollout.max_staleness > 0:
+        return AsyncRolloutSource(source, cfg.rollout.max_staleness, cfg.train.steps)
+    return source
+
+
 def make_rollout_source(cfg: Config, model_path: str, tokenizer: Any) -> SampleSource:
-    """Prompts (and curriculum stages), checked rewards and a rollout engine: a RolloutSource."""
+    """Prompts (and curriculum stages), checked rewards and a rollout engine: a RolloutSource
+    (an EpisodeSource when `env.name` names a multi-turn environment)."""
+    if cfg.env.name is not None:
+        return make_episode_source(cfg, model_path, tokenizer)
     train, held = load_train_eval_rows(cfg)
     stages = load_stage_rows(cfg)  # SRPO curriculum: [] without data.stages
     for rows in stages or [train]:

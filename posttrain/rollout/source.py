@@ -252,7 +252,7 @@ class RolloutSource:
             if not r.filter_zero_variance_groups:
                 break
         groups = kept + dropped[: r.prompts_per_step - len(kept)]
-        metrics.update(_rollout_metrics(all_samples, reward_stats, self.cfg))
+        metrics.update(rollout_metrics(all_samples, reward_stats, self.cfg))
         metrics["sampling/rounds"] = float(rounds)
         metrics["sampling/dropped_groups"] = float(len(dropped))
         metrics["sampling/filled_uninformative_groups"] = float(max(0, len(groups) - len(kept)))
@@ -309,7 +309,7 @@ def _informative(groups: list[list[Sample]]) -> list[bool]:
     return adv_fn.filter_zero_variance_groups(rewards.double(), valid).tolist()
 
 
-def _rollout_metrics(
+def rollout_metrics(
     samples: list[Sample], reward_stats: list[dict[str, float]], cfg: Config
 ) -> dict[str, float]:
     rewards = torch.tensor([s.reward for s in samples if s.reward is not None])

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("posttrain.data",),
     ("posttrain.models",),
     ("rewards",),
+    ("posttrain.envs",),  # multi-turn environments and their tools
     # rollout engines and held-out scoring on an engine
     (
         "posttrain.rollout.engine",
@@ -33,11 +34,18 @@ LAYERS: list[tuple[str, ...]] = [
         "posttrain.rollout.memory",
         "posttrain.rollout.sharded",
         "posttrain.rollout.server_ranks",
+        "posttrain.rollout.tool_calls",
+        "posttrain.rollout.episodes",
         "posttrain.rollout",
         "posttrain.eval.evaluate",
         "posttrain.eval.statistics",
     ),
-    ("posttrain.rollout.source", "posttrain.rollout.async_source", "posttrain.rollout.factory"),
+    (
+        "posttrain.rollout.source",
+        "posttrain.rollout.episode_source",
+        "posttrain.rollout.async_source",
+        "posttrain.rollout.factory",
+    ),
     ("posttrain.algorithms",),
     ("posttrain.eval.report", "posttrain.eval.command", "posttrain.eval", "posttrain.trainer"),
     ("posttrain.cli",),

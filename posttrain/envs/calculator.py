@@ -1,0 +1,131 @@
+"""`calculator`: sums and products of 3-digit numbers, solved by calling `add` / `multiply`.
+
+A row is `{"prompt": "What is 347 * 862?", "answer": "299114"}`; the episode's first message is the
+question. The model calls the tools (hermes-format tool calls), then answers without a tool call;
+the final answer is the last integer of that turn, and the reward is 1.0 when it equals the
+answer, else 0.0 (also 0.0 when the episode ended before a final answer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.envs.tasks import check_split, last_integer, split_of, task_rng
+from posttrain.envs.tools import ToolEnv, tool_call_text
+from posttrain.errors import ConfigError
+
+__all__ = ["CalculatorEnv", "add", "make_rows", "multiply", "sft_transcripts"]
+
+TEST_FRACTION = 0.2
+LOW, HIGH = 100, 999  # operands: 3-digit numbers
+_OPS = {"+": "add", "*": "multiply"}
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+
+    Returns:
+        The sum a + b.
+    """
+    return a + b
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+
+    Returns:
+        The product a * b.
+    """
+    return a * b
+
+
+def _question(a: int, op: str, b: int) -> str:
+    return f"What is {a} {op} {b}?"
+
+
+def make_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """`n` distinct calculator tasks of one split (same arguments, same rows).
+
+    Args:
+        n: number of rows.
+        seed: sampling seed (does not change which split a task belongs to).
+        split: `"train"` or `"test"` (a stable hash of the task picks its split).
+
+    Returns:
+        Rows `{"prompt": "What is 347 * 862?", "answer": "299114"}`.
+
+    Raises:
+        ConfigError: bad split or n (at most 100,000 rows).
+    """
+    check_split("calculator", split, n)
+    if n > 100_000:
+        raise ConfigError(f"calculator: n={n} is too many; use n <= 100000")
+    rng = task_rng("calculator", split, seed)
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while len(rows) < n:
+        a, op, b = rng.randint(LOW, HIGH), rng.choice(sorted(_OPS)), rng.randint(LOW, HIGH)
+        key = f"{a}{op}{b}"
+        if key in seen or split_of(f"calculator:{key}", TEST_FRACTION) != split:
+            continue
+        seen.add(key)
+        rows.append({"prompt": _question(a, op, b), "answer": str(a + b if op == "+" else a * b)})
+    return rows
+
+
+def _parse(question: str) -> tuple[int, str, int]:
+    """(a, op, b) of a generated question."""
+    a, op, b = question.removeprefix("What is ").removesuffix("?").split(" ")
+    return int(a), op, int(b)
+
+
+def sft_transcripts(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Ideal conversations: the question, one tool call, its result, then the bare answer.
+
+    Args:
+        rows: rows of `make_rows`.
+
+    Returns:
+        One message list per row (user, assistant tool call, tool result, assistant answer).
+    """
+    out = []
+    for row in rows:
+        a, op, b = _parse(row["prompt"])
+        name = _OPS[op]
+        result = str(add(a, b) if op == "+" else multiply(a, b))
+        out.append(
+            [
+                {"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": tool_call_text(name, {"a": a, "b": b})},
+                {"role": "tool", "name": name, "content": result},
+                {"role": "assistant", "content": result},
+            ]
+        )
+    return out
+
+
+class CalculatorEnv(ToolEnv):
+    """One calculator episode: tools `add` and `multiply`; reward 1.0 for the exact answer."""
+
+    tools = (add, multiply)
+    make_rows = staticmethod(make_rows)
+    sft_transcripts = staticmethod(sft_transcripts)
+
+    def reset(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """Start from a row with `prompt` and `answer`; the first message is the question."""
+        self.answer = int(row["answer"])
+        return [{"role": "user", "content": str(row["prompt"])}]
+
+    def final_reward(self) -> float:
+        """1.0 when the final answer's last integer equals the answer, else 0.0."""
+        if self.final_text is None:
+            return 0.0
+        return 1.0 if last_integer(self.final_text) == self.answer else 0.0

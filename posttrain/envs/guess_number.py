@@ -1,0 +1,139 @@
+"""`guess_number`: find a secret number in [1, high] from "higher" / "lower" hints (no tools).
+
+A row is `{"prompt": "Guess my number from 1 to 16.", "secret": 11, "high": 16}`. Each assistant
+turn is one guess (the last integer in its text; a turn without one is a wasted guess); the
+environment answers with one user message: "higher", "lower" or "correct" (a wasted guess gets
+"reply with a number from 1 to N"). The episode ends on "correct" or after `max_guesses`
+guesses. Final reward: 1.0 - turn_cost * (guesses - 1) when found (never below 0), else 0.0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.envs.base import StepResult, Turn
+from posttrain.envs.tasks import check_split, last_integer, split_of, task_rng
+from posttrain.errors import ConfigError
+
+__all__ = ["GuessNumberEnv", "make_rows", "sft_transcripts"]
+
+TEST_FRACTION = 0.25
+DEFAULT_HIGH = 16
+
+
+def _secrets(high: int, split: str) -> list[int]:
+    """The secrets of one split for numbers in [1, high] (both splits non-empty)."""
+    pool = [k for k in range(1, high + 1) if split_of(f"guess:{high}:{k}", TEST_FRACTION) == split]
+    if not pool:
+        raise ConfigError(f"guess_number: high={high} is too small to have a {split} split")
+    return pool
+
+
+def make_rows(
+    n: int, seed: int = 0, split: str = "train", high: int = DEFAULT_HIGH
+) -> list[dict[str, Any]]:
+    """`n` guessing tasks of one split; secrets repeat (there are only `high` of them).
+
+    Args:
+        n: number of rows.
+        seed: sampling seed (does not change which split a secret belongs to).
+        split: `"train"` or `"test"`: disjoint sets of secrets (a stable hash picks each).
+        high: the largest number (the range is [1, high]).
+
+    Returns:
+        Rows `{"prompt", "secret", "high"}`.
+    """
+    check_split("guess_number", split, n)
+    if not isinstance(high, int) or high < 4:
+        raise ConfigError(f"guess_number: high={high!r} is not valid; use an integer >= 4")
+    pool, rng = _secrets(high, split), task_rng("guess_number", split, seed)
+    prompt = f"Guess my number from 1 to {high}."
+    return [{"prompt": prompt, "secret": rng.choice(pool), "high": high} for _ in range(n)]
+
+
+def _reply(guess: int | None, secret: int, high: int) -> str:
+    if guess is None:
+        return f"reply with a number from 1 to {high}"
+    return "correct" if guess == secret else "higher" if guess < secret else "lower"
+
+
+def sft_transcripts(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Ideal conversations: binary search (at most ceil(log2(high + 1)) guesses).
+
+    Args:
+        rows: rows of `make_rows`.
+
+    Returns:
+        One message list per row: the prompt, then each guess and the environment's reply.
+    """
+    out = []
+    for row in rows:
+        secret, high = int(row["secret"]), int(row.get("high", DEFAULT_HIGH))
+        lo, hi = 1, high
+        messages: list[dict[str, Any]] = [{"role": "user", "content": row["prompt"]}]
+        while True:
+            guess = (lo + hi) // 2
+            reply = _reply(guess, secret, high)
+            messages += [
+                {"role": "assistant", "content": str(guess)},
+                {"role": "user", "content": reply},
+            ]
+            if reply == "correct":
+                break
+            lo, hi = (guess + 1, hi) if reply == "higher" else (lo, guess - 1)
+        out.append(messages)
+    return out
+
+
+class GuessNumberEnv:
+    """One guessing episode (no tools); state: the secret and the guesses made so far."""
+
+    make_rows = staticmethod(make_rows)
+    sft_transcripts = staticmethod(sft_transcripts)
+
+    def __init__(self, max_guesses: int = 6, turn_cost: float = 0.0) -> None:
+        """Set the budget.
+
+        Args:
+            max_guesses: guesses allowed before the episode ends unsolved (binary search over
+                [1, 16] needs at most 5).
+            turn_cost: reward subtracted per guess after the first.
+        """
+        if not isinstance(max_guesses, int) or max_guesses < 1:
+            raise ConfigError(f"guess_number: max_guesses={max_guesses!r}; use an integer >= 1")
+        if not 0.0 <= turn_cost < 1.0:
+            raise ConfigError(f"guess_number: turn_cost={turn_cost!r}; use a value in [0, 1)")
+        self.tools: list[Any] = []
+        self.max_guesses, self.turn_cost = max_guesses, float(turn_cost)
+        self.guesses, self.solved = 0, False
+
+    def reset(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """Start from a row with `prompt`, `secret` and optionally `high` (default 16)."""
+        self.secret, self.high = int(row["secret"]), int(row.get("high", DEFAULT_HIGH))
+        self.guesses, self.solved = 0, False
+        return [{"role": "user", "content": str(row["prompt"])}]
+
+    def step(self, turn: Turn) -> StepResult:
+        """Answer one guess with "higher" / "lower" / "correct"; done when found or out of guesses.
+
+        Args:
+            turn: the assistant turn; its last integer is the guess.
+
+        Returns:
+            One user message; done on "correct" or when `max_guesses` guesses are used.
+        """
+        self.guesses += 1
+        reply = _reply(last_integer(turn.text), self.secret, self.high)
+        self.solved = reply == "correct"
+        done = self.solved or self.guesses >= self.max_guesses
+        return StepResult(
+            messages=[{"role": "user", "content": reply}],
+            done=done,
+            progress=1.0 if self.solved else None,
+        )
+
+    def final_reward(self) -> float:
+        """1.0 - turn_cost * (guesses - 1) when found (at least 0.0), else 0.0."""
+        if not self.solved:
+            return 0.0
+        return max(0.0, 1.0 - self.turn_cost * (self.guesses - 1))

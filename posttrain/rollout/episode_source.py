@@ -1,0 +1,171 @@
+"""`EpisodeSource`: the rollout source of multi-turn environments (`env.name` in the config).
+
+It is a `RolloutSource` (same prompt stream, rewards, weight sync and resumable state) whose
+samples are whole episodes: G episodes per dataset row, each one `Sample` whose completion is
+every token after the prompt (sampled turns with loss mask 1, observations with mask 0). So the
+GRPO family, RLOO and the other online algorithms train on episodes unchanged: the group of an
+episode is the G episodes of its task.
+
+Episode reward = the environment's `final_reward()` (or, where it returns None, the configured
+`rewards` on the final assistant turn) + the per-turn rewards it gave; None when the environment
+raised (the episode is masked and counted).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import Config
+from posttrain.envs.base import Environment
+from posttrain.rollout.episodes import (
+    Episode,
+    EpisodeLimits,
+    episode_metrics,
+    episode_rollout,
+    run_episodes,
+)
+from posttrain.rollout.source import RolloutSource, Sample, rollout_metrics, step_sampling
+from posttrain.runtime import distributed as dist
+from rewards import score
+
+TRANSCRIPTS_PER_EVAL = 4
+
+
+def episode_limits(cfg: Config) -> EpisodeLimits:
+    """The `env.*` limits, with `rollout.max_new_tokens` tokens per turn."""
+    e = cfg.env
+    return EpisodeLimits(
+        e.max_turns, e.max_episode_tokens, cfg.rollout.max_new_tokens, e.step_timeout_s
+    )
+
+
+class EpisodeSource(RolloutSource):
+    """Prompts -> G episodes each -> scored groups, for the online algorithms.
+
+    Args:
+        cfg: run config (`env.*`, `rollout.*`, `rewards`).
+        tokenizer: the policy tokenizer (chat template).
+        engine: a RolloutEngine.
+        train_rows, eval_rows: the environment's task rows.
+        env_factory: makes one fresh environment per episode.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        tokenizer: Any,
+        engine: Any,
+        train_rows: list[dict[str, Any]],
+        eval_rows: list[dict[str, Any]],
+        env_factory: Callable[[], Environment],
+    ) -> None:
+        super().__init__(cfg, tokenizer, engine, train_rows, eval_rows, stage_rows=[])
+        self.env_factory = env_factory
+        self.limits = episode_limits(cfg)
+        self.evals = 0
+
+    def _play(self, rows: list[dict[str, Any]], sampling: Any) -> tuple[list[Episode], list]:
+        """Play one episode per row; their rewards (None: masked)."""
+        eps = run_episodes(
+            rows,
+            self.env_factory,
+            self.engine,
+            self.tokenizer,
+            sampling,
+            self.limits,
+            self.cfg.env.tool_parser,
+        )
+        return eps, self._rewards(rows, eps)
+
+    def _rewards(self, rows: list[dict[str, Any]], eps: list[Episode]) -> list[float | None]:
+        """Final reward (environment, else the `rewards` on the final turn) + turn rewards."""
+        finals: list[float | None] = [None] * len(eps)
+        need = []
+        for i, ep in enumerate(eps):
+            if ep.end not in ("env_error", "env_timeout"):
+                finals[i] = ep.env.final_reward()
+                if finals[i] is None:
+                    need.append(i)
+        if need:
+            col = self.cfg.data.prompt_column
+            picked = [rows[i] for i in need]
+            columns = {k: [row.get(k) for row in picked] for k in picked[0] if k != col}
+            result = score(
+                self.specs,
+                [row.get(col) for row in picked],
+                [eps[i].final_text for i in need],
+                columns,
+                timeout_s=self.cfg.reward_timeout_s,
+            )
+            for i, total in zip(need, result.total, strict=True):
+                finals[i] = total
+        out: list[float | None] = []
+        for ep, final in zip(eps, finals, strict=True):
+            bonus = sum(r for r in ep.turn_rewards if r is not None)
+            out.append(None if final is None else final + bonus)
+        return out
+
+    def collect_groups(
+        self, step: int, model: Any = None
+    ) -> tuple[list[list[Sample]], dict[str, float]]:
+        """Step `step`'s `prompts_per_step` tasks x `samples_per_prompt` episodes, scored."""
+        r = self.cfg.rollout
+        G = r.samples_per_prompt
+        self.stream.set_step(step)
+        indices = self.stream.take_indices(r.prompts_per_step)
+        rows = [self.stream.rows[i] for i in indices for _ in range(G)]
+        t0 = time.perf_counter()
+        eps, rewards = self._play(rows, step_sampling(self.cfg, step))
+        elapsed = time.perf_counter() - t0
+        samples = [
+            Sample(episode_rollout(ep, i // G), rew, rew is not None)
+            for i, (ep, rew) in enumerate(zip(eps, rewards, strict=True))
+        ]
+        success = [None if v is None else float(v >= 1.0) for v in rewards]
+        self.stream.record(indices, success)
+        judged = [v for v in success if v is not None]
+        stats = {"accuracy": sum(judged) / max(len(judged), 1)}
+        metrics = rollout_metrics(samples, [stats], self.cfg)
+        metrics.update(episode_metrics(eps))
+        env_s = metrics["agent/env_seconds"]
+        metrics["time/generate_s"] = elapsed - env_s
+        metrics["time/env_s"] = env_s
+        metrics.update(self.stream.metrics())
+        return [samples[g * G : (g + 1) * G] for g in range(len(indices))], metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy episodes on the held-out tasks: success, mean reward, turns, tool validity."""
+        rows = self.eval_rows[: self.cfg.eval.num_problems]
+        if not rows:
+            return {}
+        greedy = replace(step_sampling(self.cfg, 0), temperature=0.0, seed=None)
+        eps, rewards = self._play(rows, greedy)
+        judged = [v for v in rewards if v is not None]
+        m = episode_metrics(eps)
+        out = {
+            "eval/greedy_acc": sum(v >= 1.0 for v in judged) / len(rows),
+            "eval/greedy_reward_mean": sum(judged) / len(rows),
+            "eval/turns_mean": m["agent/turns_mean"],
+            "eval/tool_calls_valid_frac": m["agent/tool_calls/valid_frac"],
+        }
+        self._write_transcripts(eps[:TRANSCRIPTS_PER_EVAL], rewards)
+        return out
+
+    def _write_transcripts(self, eps: list[Episode], rewards: list[float | None]) -> None:
+        """A few evaluated conversations under `<output_dir>/transcripts/` (rank 0)."""
+        self.evals += 1
+        if not dist.is_main():
+            return
+        out = Path(self.cfg.train.output_dir) / "transcripts"
+        out.mkdir(parents=True, exist_ok=True)
+        doc = [
+            {"reward": rew, "end": ep.end, "messages": ep.messages}
+            for ep, rew in zip(eps, rewards, strict=False)
+        ]
+        path = out / f"eval-{self.evals:03d}.json"
+        path.write_text(json.dumps(doc, indent=1, ensure_ascii=False))

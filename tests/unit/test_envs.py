@@ -1,0 +1,425 @@
+"""Environments (posttrain/envs): the registry, ToolEnv's outcomes, the built-in environments
+played by scripted "models", their task generators, and SFT transcripts replayed through them."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers.utils import get_json_schema
+
+from posttrain.envs import (
+    CALL_OUTCOMES,
+    ENVIRONMENTS,
+    Environment,
+    StepResult,
+    ToolCall,
+    Turn,
+    calculator,
+    code_feedback,
+    environment_class,
+    environment_factory,
+    guess_number,
+    make_environment,
+)
+from posttrain.envs.calculator import CalculatorEnv, add, multiply
+from posttrain.envs.code_feedback import CodeFeedbackEnv
+from posttrain.envs.guess_number import GuessNumberEnv
+from posttrain.envs.tools import ToolEnv, python_tool, run_python, tool_call_text
+from posttrain.errors import ConfigError
+from posttrain.rollout.tool_calls import parse_hermes
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox is Linux-only")
+
+
+class EchoEnv:
+    """A user's own environment, loaded by import path: echoes one turn, reward = its length."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.tools: list[Any] = []
+        self.scale, self.text = scale, ""
+
+    def reset(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, turn: Turn) -> StepResult:
+        self.text = turn.text
+        return StepResult(messages=[{"role": "user", "content": turn.text}], done=True)
+
+    def final_reward(self) -> float:
+        return self.scale * len(self.text)
+
+
+class NotAnEnv:
+    def reset(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        return []
+
+
+# ------------------------------------------------------------------------------------ registry
+
+
+def test_registry_builds_each_registered_environment() -> None:
+    assert set(ENVIRONMENTS) == {"calculator", "guess_number", "code_feedback"}
+    classes = {"calculator": CalculatorEnv, "guess_number": GuessNumberEnv}
+    classes["code_feedback"] = CodeFeedbackEnv
+    for name, cls in classes.items():
+        assert environment_class(name) is cls
+        env = make_environment(name, {})
+        assert isinstance(env, cls) and isinstance(env, Environment)
+
+
+def test_user_class_by_import_path_and_fresh_instance_per_episode() -> None:
+    make = environment_factory(f"{__name__}:EchoEnv", {"scale": 2.0})
+    first, second = make(), make()
+    assert first is not second and type(first).__name__ == "EchoEnv"
+    assert first.reset({"prompt": "hi"}) == [{"role": "user", "content": "hi"}]
+    assert first.step(Turn(text="abc")).done and first.final_reward() == 6.0
+    assert second.text == ""  # episode state is per instance
+
+
+def test_unknown_name_suggests_the_closest() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'calculator'"):
+        make_environment("calculater", {})
+    with pytest.raises(ConfigError, match="cannot import module"):
+        make_environment("no_such_pkg.mod:Env", {})
+    with pytest.raises(ConfigError, match="has no class 'Missing'"):
+        environment_factory(f"{__name__}:Missing")
+    with pytest.raises(ConfigError, match="not an Environment"):
+        make_environment(f"{__name__}:NotAnEnv")
+
+
+def test_bad_kwargs_fail_when_the_factory_is_made() -> None:
+    with pytest.raises(ConfigError, match="max_guess"):
+        environment_factory("guess_number", {"max_guess": 3})
+    with pytest.raises(ConfigError, match="max_guesses"):
+        make_environment("guess_number", {"max_guesses": 0})
+
+
+# ------------------------------------------------------------------------------------- ToolEnv
+
+
+def boom(x: int) -> int:
+    """Always fails.
+
+    Args:
+        x: Ignored.
+    """
+    raise ValueError(f"bad x {x}")
+
+
+def nap(seconds: float) -> str:
+    """Sleep.
+
+    Args:
+        seconds: How long.
+    """
+    time.sleep(seconds)
+    return "awake"
+
+
+def shout(n: int) -> str:
+    """A long output.
+
+    Args:
+        n: How many characters.
+    """
+    return "x" * n
+
+
+class ToyEnv(ToolEnv):
+    tools = (add, multiply, boom, nap, shout)
+
+    def reset(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": "go"}]
+
+
+def test_calculator_schemas_are_get_json_schemas() -> None:
+    env = CalculatorEnv()
+    assert env.schemas() == [get_json_schema(add), get_json_schema(multiply)]
+    assert [s["function"]["name"] for s in env.schemas()] == ["add", "multiply"]
+    assert env.tools == [add, multiply]
+
+
+def test_tool_env_answers_every_outcome_in_order() -> None:
+    env = ToyEnv(tool_timeout_s=0.2, tool_output_chars=100)
+    env.reset({})
+    calls = (
+        ToolCall("multiply", {"a": 347, "b": 862}),
+        ToolCall("divide", {"a": 1, "b": 2}),
+        ToolCall("add", {"a": "3", "b": 4}),
+        ToolCall("add", {"a": 3}),
+        ToolCall("boom", {"x": 7}),
+        ToolCall("nap", {"seconds": 1.0}),
+        ToolCall("shout", {"n": 1234}),
+    )
+    result = env.step(Turn(text="...", tool_calls=calls, parse_errors=("invalid_json: call 8",)))
+    assert result.tool_outcomes == [
+        "ok", "unknown_tool", "bad_arguments", "bad_arguments", "error", "timeout", "ok",
+        "malformed",
+    ]  # fmt: skip
+    assert set(result.tool_outcomes) == set(CALL_OUTCOMES)
+    names = [m.get("name") for m in result.messages]
+    assert names == ["multiply", "divide", "add", "add", "boom", "nap", "shout", None]
+    assert all(m["role"] == "tool" for m in result.messages)
+    texts = [m["content"] for m in result.messages]
+    assert texts[0] == "299114"
+    assert texts[1].startswith("error: unknown tool 'divide'") and "add, boom" in texts[1]
+    assert texts[2].startswith("error: bad arguments:") and "'a'" in texts[2]
+    assert "integer" in texts[2] and "string" in texts[2]
+    assert texts[3].startswith("error: bad arguments:") and "'b'" in texts[3]
+    assert texts[4] == "error: ValueError: bad x 7"
+    assert texts[5] == "error: timed out after 0.2 s"
+    assert texts[6] == "x" * 100 + "...[truncated 1134 chars]"
+    assert texts[7] == "error: malformed tool call: invalid_json: call 8"
+    assert 0.2 <= result.tool_seconds < 1.0
+    assert not result.done and result.reward is None
+
+
+def test_tool_env_final_answer_ends_the_episode() -> None:
+    env = ToyEnv()
+    env.reset({})
+    result = env.step(Turn(text="The answer is 5."))
+    assert result == StepResult(done=True)
+    assert env.final_text == "The answer is 5." and env.final_reward() is None
+    with pytest.raises(RuntimeError, match="after the episode ended"):
+        env.step(Turn(text="again"))
+
+
+def test_tool_env_rejects_bad_limits_and_duplicate_names() -> None:
+    with pytest.raises(ConfigError, match="must be positive"):
+        ToyEnv(tool_timeout_s=0)
+    with pytest.raises(ConfigError, match="share a name"):
+        ToyEnv(tools=[add, add])
+
+
+class CounterEnv(ToolEnv):
+    """Per-episode state: a bound method as a tool."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.count = 0
+        super().__init__(tools=[self.bump], **kw)
+
+    def bump(self, by: int) -> int:
+        """Increase the counter.
+
+        Args:
+            by: The increment.
+        """
+        self.count += by
+        return self.count
+
+    def reset(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        return []
+
+
+def test_bound_method_tools_keep_state_per_instance() -> None:
+    a, b = CounterEnv(), CounterEnv()
+    assert a.schemas()[0]["function"]["parameters"]["required"] == ["by"]
+    call = ToolCall("bump", {"by": 2})
+    a.step(Turn(text="", tool_calls=(call, call)))
+    assert a.count == 4 and b.count == 0
+
+
+# ----------------------------------------------------------------------------- python tool
+
+
+@linux_only
+def test_python_tool_runs_in_the_sandbox(sandbox_layers) -> None:
+    assert get_json_schema(run_python)["function"]["parameters"]["required"] == ["code"]
+    assert run_python("print(6 * 7)") == "exit code 0\nstdout:\n42"
+    failed = run_python("print('a')\n1 / 0")
+    assert failed.startswith("exit code 1 (runtime_error:ZeroDivisionError)\nstdout:\na\nstderr:")
+    assert failed.rstrip().endswith("ZeroDivisionError: division by zero")
+    assert python_tool(timeout_s=0.5)("while True: pass") == "timed out after 0.5 s"
+
+
+@linux_only
+def test_python_tool_inside_a_tool_env(sandbox_layers) -> None:
+    class PyEnv(ToolEnv):
+        tools = (python_tool(timeout_s=2),)
+
+        def reset(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+            return []
+
+    env = PyEnv(tool_timeout_s=8)
+    result = env.step(Turn(text="", tool_calls=(ToolCall("run_python", {"code": "print(2**10)"}),)))
+    assert result.tool_outcomes == ["ok"]
+    assert result.messages == [
+        {"role": "tool", "name": "run_python", "content": "exit code 0\nstdout:\n1024"}
+    ]
+
+
+# ----------------------------------------------------------------- built-ins, scripted models
+
+
+def _calls(text: str) -> Turn:
+    calls, errors = parse_hermes(text)
+    return Turn(text=text, tool_calls=tuple(calls), parse_errors=tuple(errors))
+
+
+def test_calculator_played_to_success_and_failure() -> None:
+    row = {"prompt": "What is 347 * 862?", "answer": str(347 * 862)}
+    for final, reward in (("So it is 299,114.", 1.0), ("299115", 0.0), ("no idea", 0.0)):
+        env = make_environment("calculator", {})
+        assert env.reset(row) == [{"role": "user", "content": "What is 347 * 862?"}]
+        result = env.step(_calls(tool_call_text("multiply", {"a": 347, "b": 862})))
+        assert result.messages == [{"role": "tool", "name": "multiply", "content": "299114"}]
+        assert not result.done and result.tool_outcomes == ["ok"]
+        assert env.step(Turn(text=final, index=1)).done
+        assert env.final_reward() == reward
+    unfinished = make_environment("calculator", {})
+    unfinished.reset(row)
+    assert unfinished.final_reward() == 0.0
+
+
+def _play_guesses(env: Any, guesses: list[str]) -> list[tuple[str, bool]]:
+    return [(r.messages[0]["content"], r.done) for r in (env.step(Turn(text=g)) for g in guesses)]
+
+
+def test_guess_number_played_to_success_and_failure() -> None:
+    row = {"prompt": "Guess my number from 1 to 16.", "secret": 11, "high": 16}
+    env = make_environment("guess_number", {"turn_cost": 0.1})
+    env.reset(row)
+    replies = _play_guesses(env, ["8", "I guess 12", "hmm", "10", "11"])
+    assert replies == [
+        ("higher", False), ("lower", False), ("reply with a number from 1 to 16", False),
+        ("higher", False), ("correct", True),
+    ]  # fmt: skip
+    assert env.final_reward() == pytest.approx(1.0 - 0.1 * 4)
+    env = make_environment("guess_number", {"max_guesses": 2})
+    env.reset(row)
+    assert _play_guesses(env, ["8", "9"]) == [("higher", False), ("higher", True)]
+    assert env.final_reward() == 0.0
+
+
+@linux_only
+def test_code_feedback_played_to_success_and_failure(sandbox_layers) -> None:
+    row = code_feedback.task_row("add")
+    assert row["tests"] == [
+        "assert add(2, 3) == 5", "assert add(-1, 1) == 0", "assert add(0, 0) == 0",
+        "assert add(10, 5) == 15",
+    ]  # fmt: skip
+    env = make_environment("code_feedback", {"max_attempts": 2})
+    env.reset(row)
+    first = env.step(Turn(text="```python\ndef add(a, b):\n    return a * b\n```"))
+    assert first.messages == [{"role": "user", "content": (
+        "1/4 tests passed\nfailed: assert add(2, 3) == 5 (assertion_failed)\n"
+        "failed: assert add(-1, 1) == 0 (assertion_failed)\n"
+        "failed: assert add(10, 5) == 15 (assertion_failed)"
+    )}]  # fmt: skip
+    assert not first.done and first.progress == 0.25
+    second = env.step(Turn(text="```python\ndef add(a, b):\n    return abs(a) + b\n```"))
+    assert second.done and second.messages[0]["content"].startswith("3/4 tests passed")
+    assert env.final_reward() == 0.75  # the last attempt's 3 of 4, out of attempts
+    env = make_environment("code_feedback", {})
+    env.reset(row)
+    broken = env.step(Turn(text="def add(a, b) return"))
+    assert broken.messages[0]["content"].startswith("0/4 tests passed\nfailed: assert add(2, 3)")
+    assert "syntax_error" in broken.messages[0]["content"] and not broken.done
+    done = env.step(Turn(text="```python\ndef add(a, b):\n    return a + b\n```"))
+    assert done.done and done.messages == [{"role": "user", "content": "all 4 tests passed"}]
+    assert env.final_reward() == 1.0
+
+
+# ------------------------------------------------------------------------- task generators
+
+GENERATORS = {
+    "calculator": calculator,
+    "code_feedback": code_feedback,
+    "guess_number": guess_number,
+}
+TASK_KEY = {"calculator": "prompt", "code_feedback": "entry", "guess_number": "secret"}
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_generators_deterministic_and_splits_disjoint(name: str) -> None:
+    make_rows = GENERATORS[name].make_rows
+    assert environment_class(name).make_rows is make_rows
+    train, test = make_rows(60, 1, "train"), make_rows(60, 1, "test")
+    assert len(train) == len(test) == 60 and train == make_rows(60, 1, "train")
+    assert make_rows(60, 2, "train") != train
+    other_seeds = [r for seed in range(5) for r in make_rows(60, seed, "train")]
+    key = TASK_KEY[name]
+    assert {r[key] for r in other_seeds}.isdisjoint({r[key] for r in test})
+    assert make_rows(0, 1, "train") == []
+    with pytest.raises(ConfigError, match="split"):
+        make_rows(3, 0, "validation")
+
+
+def test_calculator_rows_are_3_digit_questions() -> None:
+    rows = calculator.make_rows(200, 0, "train")
+    assert len({r["prompt"] for r in rows}) == 200
+    for row in rows:
+        a, op, b = row["prompt"].removeprefix("What is ").removesuffix("?").split()
+        assert 100 <= int(a) <= 999 and 100 <= int(b) <= 999 and op in "+*"
+        assert int(row["answer"]) == (int(a) + int(b) if op == "+" else int(a) * int(b))
+    assert {r["prompt"].split()[3] for r in rows} == {"+", "*"}
+
+
+# -------------------------------------------------------------------- SFT transcripts replay
+
+
+def _replay(name: str, transcript: list[dict[str, Any]], row: dict[str, Any]) -> float | None:
+    """Feed a transcript's assistant turns to a fresh env; it must answer as the transcript."""
+    env = make_environment(name, {})
+    first = env.reset(row)
+    assert transcript[: len(first)] == first
+    i, turn_index, done = len(first), 0, False
+    while i < len(transcript):
+        assert not done and transcript[i]["role"] == "assistant"
+        turn = _calls(transcript[i]["content"])
+        result = env.step(Turn(turn.text, turn.tool_calls, turn.parse_errors, turn_index))
+        assert not turn.parse_errors and set(result.tool_outcomes) <= {"ok"}
+        j = i + 1
+        while j < len(transcript) and transcript[j]["role"] != "assistant":
+            j += 1
+        assert result.messages == transcript[i + 1 : j]
+        i, turn_index, done = j, turn_index + 1, result.done
+    assert done
+    return env.final_reward()
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_sft_transcripts_replay_to_full_reward(name: str, sandbox_layers) -> None:
+    if name == "code_feedback" and sys.platform != "linux":
+        pytest.skip("the sandbox is Linux-only")
+    module = GENERATORS[name]
+    rows = module.make_rows(30, 0, "train") + module.make_rows(20, 0, "test")
+    transcripts = module.sft_transcripts(rows)
+    assert len(transcripts) == len(rows)
+    for row, transcript in zip(rows, transcripts, strict=True):
+        assert _replay(name, transcript, row) == 1.0
+        # short enough for the tiny model's 512-token (character) context, template included
+        assert sum(len(m["content"]) + 20 for m in transcript) < 400
+
+
+def test_calculator_transcript_uses_hermes_tool_calls() -> None:
+    row = {"prompt": "What is 347 * 862?", "answer": "299114"}
+    assert calculator.sft_transcripts([row]) == [[
+        {"role": "user", "content": "What is 347 * 862?"},
+        {"role": "assistant", "content": (
+            '<tool_call>\n{"name": "multiply", "arguments": {"a": 347, "b": 862}}\n</tool_call>'
+        )},
+        {"role": "tool", "name": "multiply", "content": "299114"},
+        {"role": "assistant", "content": "299114"},
+    ]]  # fmt: skip
+
+
+def test_the_readme_tool_environment_runs() -> None:
+    """The README's example environment, executed from the README itself."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("from posttrain.envs.tools import ToolEnv")
+    code = readme[start : readme.index("```", start)]
+    ns: dict = {}
+    exec(code, ns)
+    env = ns["CapitalsEnv"]()
+    messages = env.reset({"prompt": "Which country is Lima in?", "answer": "Peru"})
+    assert messages == [{"role": "user", "content": "Which country is Lima in?"}]
+    call = ToolCall("lookup", {"city": "Lima"})
+    result = env.step(Turn(text="<tool_call>...</tool_call>", tool_calls=(call,)))
+    assert result.tool_outcomes == ["ok"] and result.messages[0]["content"] == "Peru"
+    assert env.step(Turn(text="Peru", index=1)).done
+    assert env.final_reward() == 1.0
