@@ -282,3 +282,42 @@ def test_transcripts_json_roundtrip(tok, tmp_path):
     assert out["eval/greedy_acc"] == 1.0 and out["eval/turns_mean"] == 3.0
     doc = json.loads((tmp_path / "transcripts" / "eval-001.json").read_text())
     assert doc[0]["reward"] == 1.0 and doc[0]["messages"][-1]["content"] == "56088"
+
+
+@pytest.mark.slow
+def test_calculator_recipe_short_run(tiny_model_dir, tmp_path):
+    """recipes/calculator_tiny.yaml end to end for a few steps: SFT warm-up on the environment's
+    transcripts, GRPO on episodes with in-process vLLM, eval transcripts on disk."""
+    from pathlib import Path
+
+    from posttrain.trainer import Trainer
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "calculator_tiny.yaml"
+    cfg = load_config(
+        recipe,
+        [
+            f"model.path={tiny_model_dir}",
+            f"train.output_dir={tmp_path}",
+            "warmup.steps=3",
+            "warmup.batch_size=8",
+            "train.steps=2",
+            "train.eval_every=0",
+            "rollout.prompts_per_step=2",
+            "rollout.samples_per_prompt=4",
+            "train.micro_batch_size_per_device=8",
+            "eval.num_problems=4",
+            "log.wandb=disabled",
+        ],
+    )
+    history = Trainer(cfg).train()
+    assert len(history) == 2
+    for m in history:
+        ends = sum(v for k, v in m.items() if k.startswith("agent/end/"))
+        assert ends == 2 * 4  # every episode ended, with a reason
+        assert 0.0 <= m["agent/observation_token_frac"] < 1.0
+    warm = [json.loads(line) for line in (tmp_path / "sft-warmup" / "metrics.jsonl").open()]
+    assert len([r for r in warm if "loss" in r]) == 3
+    transcripts = sorted((tmp_path / "transcripts").glob("eval-*.json"))
+    assert len(transcripts) == 2  # before and after training
+    doc = json.loads(transcripts[-1].read_text())
+    assert doc and doc[0]["messages"][0]["content"].startswith("What is ")
