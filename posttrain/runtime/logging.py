@@ -467,6 +467,16 @@ def adopt_third_party_loggers() -> None:
             logger.propagate = True  # its records now reach the top-level logger's handlers
 
 
+def _library_progress_bars(show: bool) -> None:
+    """transformers' and huggingface_hub's own tqdm bars ("Loading weights", "Writing model
+    shards"): hidden unless verbose (the env var covers libraries not imported yet)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0" if show else "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+
+
 def route_third_party(output_dir: str | Path | None, *, verbose: bool = False) -> None:
     """Send third-party logs and warnings to ``<output_dir>/third_party.log`` from now on.
 
@@ -480,6 +490,7 @@ def route_third_party(output_dir: str | Path | None, *, verbose: bool = False) -
     """
     _install()
     _STATE.verbose = bool(verbose)
+    _library_progress_bars(_STATE.verbose)
     if output_dir is not None:
         path = Path(output_dir).resolve() / third_party_log_name()
         current = _STATE.file.path

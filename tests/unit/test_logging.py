@@ -311,3 +311,23 @@ def test_captured_output_goes_to_the_file_and_is_replayed_on_a_crash(tmp_path):
     ):
         assert line in text
     assert "posttrain warning inside" not in text
+
+
+def test_library_progress_bars_follow_verbose(tmp_path):
+    """transformers' own tqdm bars (loading / writing weights) are hidden unless log.verbose."""
+    code = (
+        "import sys\n"
+        "from posttrain.runtime.logging import route_third_party\n"
+        f"route_third_party({str(tmp_path)!r}, verbose=sys.argv[1] == '1')\n"
+        "from posttrain.models import make_tiny\n"
+        f"make_tiny({str(tmp_path / 'tiny')!r})\n"
+    )
+    runs = {
+        v: subprocess.run(
+            [sys.executable, "-c", code, v], capture_output=True, text=True, timeout=300
+        )
+        for v in ("0", "1")
+    }
+    assert all(r.returncode == 0 for r in runs.values()), runs["0"].stderr[-2000:]
+    assert "Writing model shards" not in runs["0"].stderr
+    assert "Writing model shards" in runs["1"].stderr
