@@ -7,7 +7,6 @@ groups. The trainer reads nothing else about an algorithm.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -88,16 +87,6 @@ def algorithm_spec(name: str) -> AlgorithmSpec:
     if name not in ALGORITHMS:
         raise ConfigError(f"train.algorithm: {name!r} is not one of {', '.join(ALGORITHMS)}")
     return ALGORITHMS[name]
-
-
-def model_loader(algorithm: str, cfg: Config | None = None) -> ModelLoader:
-    """The function the trainer uses to load the trained model of `algorithm`.
-
-    Args:
-        algorithm: `train.algorithm`.
-        cfg: the run Config, handed to the loader (e.g. PPO's `ppo.value_head`).
-    """
-    return functools.partial(algorithm_spec(algorithm).load_model, cfg=cfg)
 
 
 def build_algorithm(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Algorithm:

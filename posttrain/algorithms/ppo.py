@@ -234,7 +234,7 @@ def _actor_critic(model: Any) -> ActorCritic:
         raise ConfigError(
             f"train.algorithm=ppo trains an ActorCritic, but the trainer built "
             f"{type(module).__name__}; the trainer must load its model with "
-            "posttrain.algorithms.model_loader('ppo', cfg)"
+            "ALGORITHMS['ppo'].load_model (posttrain/algorithms/__init__.py)"
         )
     return module
 

@@ -62,7 +62,7 @@ class RewardModel:
             raise ConfigError(
                 f"train.algorithm=reward_model needs a sequence-classification model, but the "
                 f"trainer built {type(module).__name__}; the trainer must load its model with "
-                "posttrain.algorithms.model_loader(train.algorithm)"
+                "ALGORITHMS['reward_model'].load_model (posttrain/algorithms/__init__.py)"
             )
         model_pad = getattr(getattr(module, "config", None), "pad_token_id", self.pad_id)
         if model_pad != self.pad_id:

@@ -131,7 +131,7 @@ def load_actor_critic(
     lora: Any = None,
     cfg: Any = None,
 ) -> ActorCritic:
-    """Load the policy from `path` and build its critic as `cfg.ppo` says (MODEL_LOADERS['ppo']).
+    """Load the policy from `path` and build its critic as `cfg.ppo` says (PPO's model loader).
 
     A critic whose head is new (loaded from the policy's own init path, or the shared head)
     starts at zero, so the first values are 0 and the first advantages are reward-driven; a
