@@ -344,7 +344,13 @@ class EnvConfig:
     Limits: assistant turns per episode, tokens after the prompt per episode (sampled and
     observations; `rollout.max_new_tokens` per turn), a tool's wall time and output characters
     (longer output is cut with a marker), an environment step's wall time (a step running longer
-    masks its episode). `tool_parser`: the tool-call format of the model.
+    masks its episode). `tool_parser`: the tool-call format of the model. `transcript_kwargs` go to
+    the environment's `sft_transcripts(rows, **kwargs)` (the SFT warm-up's synthetic conversations,
+    e.g. calculator's `direct_fraction`). `observation_render`: how observation ids are rendered:
+    `full` re-renders the episode's own conversation (and refuses a template that rewrites earlier
+    turns); `fixed_base` renders each observation after a fixed one-turn base conversation, the fix
+    for templates that drop earlier `<think>` blocks (the ids then follow what the model saw,
+    not the template's rendering of the whole history).
     """
 
     name: str | None = None
@@ -355,6 +361,8 @@ class EnvConfig:
     tool_output_chars: int = 2000
     step_timeout_s: float = 60.0
     tool_parser: str = "hermes"
+    transcript_kwargs: dict = field(default_factory=dict)
+    observation_render: str = "full"
 
 
 @dataclass(frozen=True)
@@ -402,4 +410,5 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reward_model.bad_rows": ("drop", "error"),
     "ppo.value_head": ("separate", "shared"),
     "log.wandb": ("online", "offline", "disabled"),
+    "env.observation_render": ("full", "fixed_base"),
 }

@@ -3,12 +3,14 @@ warm-up's synthetic transcripts."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from posttrain.config import Config
 from posttrain.data.splits import load_train_eval_rows
 from posttrain.envs import environment_class, environment_factory
 from posttrain.envs.tools import ToolEnv, tool_schema
+from posttrain.errors import ConfigError, did_you_mean
 
 
 def env_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -40,4 +42,17 @@ def transcript_rows(cfg: Config) -> list[dict[str, Any]]:
     train, _ = env_rows(cfg)
     tools = [tool_schema(fn) for fn in getattr(cls, "tools", [])]
     col = cfg.data.prompt_column
-    return [{col: messages, "tools": tools} for messages in cls.sft_transcripts(train)]
+    kwargs = dict(cfg.env.transcript_kwargs)
+    valid = [
+        p.name
+        for p in list(inspect.signature(cls.sft_transcripts).parameters.values())[1:]
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    for key in kwargs:
+        if key not in valid:
+            raise ConfigError(
+                f"env.transcript_kwargs.{key}: not an option of {cfg.env.name}'s sft_transcripts"
+                + (did_you_mean(key, valid) if valid else " (it takes none)")
+            )
+    transcripts = cls.sft_transcripts(train, **kwargs)
+    return [{col: messages, "tools": tools} for messages in transcripts]

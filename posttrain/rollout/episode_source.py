@@ -40,7 +40,11 @@ def episode_limits(cfg: Config) -> EpisodeLimits:
     """The `env.*` limits, with `rollout.max_new_tokens` tokens per turn."""
     e = cfg.env
     return EpisodeLimits(
-        e.max_turns, e.max_episode_tokens, cfg.rollout.max_new_tokens, e.step_timeout_s
+        e.max_turns,
+        e.max_episode_tokens,
+        cfg.rollout.max_new_tokens,
+        e.step_timeout_s,
+        e.observation_render,
     )
 
 

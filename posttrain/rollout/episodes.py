@@ -28,6 +28,10 @@ from posttrain.rollout.tool_calls import parse_tool_calls
 
 # Why an episode ended (counted in `agent/end/<reason>`)
 END_REASONS = ("done", "max_turns", "max_episode_tokens", "turn_length", "env_error", "env_timeout")
+# How observation ids are rendered (`env.observation_render`): the episode's own conversation
+# re-rendered, or each observation after a fixed one-turn base (templates that rewrite history)
+OBSERVATION_RENDERS = ("full", "fixed_base")
+_BASE = ({"role": "user", "content": "."}, {"role": "assistant", "content": "."})
 
 
 class TemplateError(ConfigError):
@@ -44,12 +48,14 @@ class EpisodeLimits:
             episode ends once it has used them.
         max_new_tokens: tokens per assistant turn.
         step_timeout_s: an environment's `step` running longer ends its episode (masked).
+        observation_render: one of OBSERVATION_RENDERS (see `observation_ids`).
     """
 
     max_turns: int = 4
     max_episode_tokens: int = 256
     max_new_tokens: int = 64
     step_timeout_s: float = 60.0
+    observation_render: str = "full"
 
 
 @dataclass
@@ -149,6 +155,47 @@ def observation_ids(
     return _ids(tokenizer, closed[len(seen) + len(sampled) :] + after[len(closed) :])
 
 
+def fixed_base_observation_ids(
+    tokenizer: Any,
+    sampled_ids: Sequence[int],
+    text: str,
+    observations: list[dict[str, Any]],
+    tools: list | None,
+    turn: int,
+) -> list[int]:
+    """`observation_ids` for a template that rewrites earlier turns (`observation_render:
+    fixed_base`): the observations are rendered after a fixed one-turn base conversation (a user
+    message and an assistant reply, both "."), not after the episode's own history, so how the
+    template would re-render earlier turns (e.g. dropping their `<think>` blocks) cannot change
+    them. The text between the end of the sampled ids and the observations (e.g. a newline
+    after the end-of-turn token) comes from the base's closed assistant turn.
+
+    Args:
+        sampled_ids: the turn's ids as the engine sampled them (ending with the end-of-turn id).
+        text: the sampled ids but the end-of-turn token, decoded with special tokens kept.
+        observations, tools, turn: as for `observation_ids`.
+
+    Raises:
+        TemplateError: even the fixed base is rewritten when observations follow it, or the
+            sampled turn's ending is not the template's end of an assistant turn.
+    """
+    base = list(_BASE)
+    seen = render(tokenizer, base[:1], tools, generation=True)
+    closed = render(tokenizer, base, tools, generation=False)
+    after = render(tokenizer, [*base, *observations], tools, generation=True)
+    ending = tokenizer.decode(list(sampled_ids), skip_special_tokens=False)[len(text) :]
+    tail = closed[len(seen) :]
+    ok = closed.startswith(seen) and after.startswith(closed) and tail.startswith(".")
+    if not ok or not tail[1:].startswith(ending):
+        raise TemplateError(
+            f"env.observation_render=fixed_base: at assistant turn {turn} the chat template "
+            "rewrites even a fixed one-turn conversation when observations follow it, or ends "
+            f"an assistant turn differently from the sampled ending {ending!r}; this template "
+            "cannot be used for multi-turn episodes"
+        )
+    return _ids(tokenizer, tail[1 + len(ending) :] + after[len(closed) :])
+
+
 def _start(env_factory: Callable[[], Environment], row: dict, tokenizer: Any) -> Episode:
     env = env_factory()
     t0 = time.perf_counter()
@@ -239,9 +286,14 @@ def _advance(ep: Episode, r: Rollout, result: StepResult | str, tk: Any, lim: Ep
         ep.end = "max_turns"
     else:
         turn = len(ep.turn_lengths) - 1
-        obs = observation_ids(
-            tk, history, r.completion_ids, content, result.messages, ep.env.tools, turn
-        )
+        if lim.observation_render == "fixed_base":
+            obs = fixed_base_observation_ids(
+                tk, r.completion_ids, content, result.messages, ep.env.tools, turn
+            )
+        else:
+            obs = observation_ids(
+                tk, history, r.completion_ids, content, result.messages, ep.env.tools, turn
+            )
         ep.messages += result.messages
         ep.ids += obs
         ep.mask += [0] * len(obs)

@@ -15,6 +15,7 @@ from posttrain.algorithms.grpo import GRPO
 from posttrain.config import load_config
 from posttrain.envs import environment_factory
 from posttrain.envs.base import StepResult, Turn
+from posttrain.errors import ConfigError
 from posttrain.models import load_policy, load_tokenizer
 from posttrain.rollout.engine import Rollout
 from posttrain.rollout.episode_source import EpisodeSource
@@ -181,6 +182,75 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tok, tmp_path):
             step_sampling(_cfg(tmp_path), 0),
             EpisodeLimits(max_new_tokens=80),
         )
+
+
+# Qwen3-style: an earlier assistant turn is rendered without its <think> block
+THINK_DROPPING = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' }}"
+    "{%- if m['role'] == 'assistant' and not loop.last %}"
+    "{{- m['content'].split('</think>')[-1] }}{%- else %}{{- m['content'] }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_a_think_dropping_template_is_refused_then_played_with_the_fixed_base(tok, tmp_path):
+    qwen3ish = load_tokenizer(tok.name_or_path)
+    qwen3ish.chat_template = THINK_DROPPING
+    turns = [_turn_ids(qwen3ish, "<think>use the tool</think>" + MUL), _turn_ids(qwen3ish, "56088")]
+
+    def play(render: str) -> list:
+        return run_episodes(
+            [ROW],
+            environment_factory("calculator"),
+            ScriptedEngine(qwen3ish, [turns]),
+            qwen3ish,
+            step_sampling(_cfg(tmp_path), 0),
+            EpisodeLimits(max_new_tokens=80, observation_render=render),
+        )
+
+    with pytest.raises(TemplateError, match="assistant turn 0"):
+        play("full")
+    (ep,) = play("fixed_base")
+    # the tool message as this template renders it after a closed assistant turn, by hand
+    obs = qwen3ish(
+        "\n<|im_start|>tool\n56088<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+    )["input_ids"]
+    assert ep.end == "done" and ep.env.final_reward() == 1.0
+    assert ep.ids == [*turns[0], *obs, *turns[1]]
+    assert ep.mask == [1] * len(turns[0]) + [0] * len(obs) + [1] * len(turns[1])
+    # what the model saw keeps the <think> block the full re-render would drop
+    seen = qwen3ish.decode(ep.prompt_ids + ep.ids, skip_special_tokens=False)
+    assert "<think>use the tool</think>" in seen
+
+
+def test_a_template_the_fixed_base_cannot_fix_is_refused(tok, tmp_path):
+    bad = load_tokenizer(tok.name_or_path)
+    bad.chat_template = (  # drops the content of every assistant turn but the last, even "."
+        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' }}"
+        "{%- if m['role'] != 'assistant' or loop.last %}{{- m['content'] }}{%- endif %}"
+        "{{- '<|im_end|>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    engine = ScriptedEngine(bad, [[_turn_ids(bad, MUL), _turn_ids(bad, "56088")]])
+    with pytest.raises(TemplateError, match="fixed_base: at assistant turn 0"):
+        run_episodes(
+            [ROW],
+            environment_factory("calculator"),
+            engine,
+            bad,
+            step_sampling(_cfg(tmp_path), 0),
+            EpisodeLimits(max_new_tokens=80, observation_render="fixed_base"),
+        )
+
+
+def test_observation_render_choices_are_the_rollout_layers():
+    from posttrain.config import CHOICES
+    from posttrain.rollout.episodes import OBSERVATION_RENDERS
+
+    assert CHOICES["env.observation_render"] == OBSERVATION_RENDERS
+    with pytest.raises(ConfigError, match=r"env\.observation_render: 'fixed' is not one of"):
+        load_config(None, ["env.observation_render=fixed"])
 
 
 class RaisingEnv:

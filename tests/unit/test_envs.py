@@ -408,6 +408,40 @@ def test_calculator_transcript_uses_hermes_tool_calls() -> None:
     ]]  # fmt: skip
 
 
+def test_calculator_direct_fraction_answers_that_share_without_the_tool(tmp_path) -> None:
+    rows = calculator.make_rows(2000, 0, "train")
+    transcripts = calculator.sft_transcripts(rows, direct_fraction=0.3)
+    direct = [t for t in transcripts if len(t) == 2]
+    assert abs(len(direct) / len(rows) - 0.3) < 0.04  # a stable hash picks ~30%
+    for row, t in zip(rows, transcripts, strict=True):
+        if len(t) == 2:  # the question, then the right number with no tool call
+            assert t == [
+                {"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": row["answer"]},
+            ]
+        else:
+            assert t == calculator.sft_transcripts([row])[0]
+    assert calculator.sft_transcripts(rows, direct_fraction=0.3) == transcripts
+    assert all(len(t) == 2 for t in calculator.sft_transcripts(rows[:50], direct_fraction=1.0))
+    with pytest.raises(ConfigError, match=r"direct_fraction=1\.5 is not valid"):
+        calculator.sft_transcripts(rows, direct_fraction=1.5)
+    # from the config: env.transcript_kwargs, with the closest option named for a typo
+    from posttrain.config import load_config
+    from posttrain.envs.runs import transcript_rows
+
+    base = [
+        "env.name=calculator",
+        "data.source=env",
+        "data.train_size=40",
+        f"train.output_dir={tmp_path}",
+    ]
+    cfg = load_config(None, [*base, "env.transcript_kwargs.direct_fraction=1.0"])
+    assert all(len(r["prompt"]) == 2 for r in transcript_rows(cfg))
+    cfg = load_config(None, [*base, "env.transcript_kwargs.direct_fractoin=1.0"])
+    with pytest.raises(ConfigError, match=r"direct_fractoin.*did you mean 'direct_fraction'"):
+        transcript_rows(cfg)
+
+
 def test_the_readme_tool_environment_runs() -> None:
     """The README's example environment, executed from the README itself."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
