@@ -88,36 +88,45 @@ def _parse(question: str) -> tuple[int, str, int]:
 
 
 def sft_transcripts(
-    rows: list[dict[str, Any]], direct_fraction: float = 0.0
+    rows: list[dict[str, Any]], direct_fraction: float = 0.0, direct_ops: str = "+*"
 ) -> list[list[dict[str, Any]]]:
     """Synthetic conversations: the question, one tool call, its result, then the bare answer.
 
-    With `direct_fraction` > 0, that share of the rows (a stable hash of the question picks
-    which) is answered directly, without the tool: the correct number, which a small model cannot
-    compute in its head. A model warmed up on the mix calls the tool on some questions and
-    guesses on the others, so RL has headroom: the episodes that call the tool succeed.
+    With `direct_fraction` > 0, that share of the rows whose operator is in `direct_ops` (a
+    stable hash of the question picks which) is answered directly, without the tool: the
+    correct number, which a small model cannot compute in its head. A model warmed up on the mix
+    calls the tool on some questions and guesses on the others, so RL has headroom: the episodes
+    that call the tool succeed (e.g. `direct_ops: "+"`: the warm-up shows `add` on only some
+    sums, and RL learns to call it on all).
 
     Args:
         rows: rows of `make_rows`.
-        direct_fraction: share of rows answered without a tool call, in [0, 1].
+        direct_fraction: share of those rows answered without a tool call, in [0, 1].
+        direct_ops: the operators ("+", "*") whose rows may be answered directly.
 
     Returns:
         One message list per row: user, assistant tool call, tool result, assistant answer (or,
         for a direct row, user and assistant answer).
 
     Raises:
-        ConfigError: direct_fraction outside [0, 1].
+        ConfigError: direct_fraction outside [0, 1], or an unknown operator in direct_ops.
     """
     if not 0.0 <= direct_fraction <= 1.0:
         raise ConfigError(
             f"env.transcript_kwargs.direct_fraction={direct_fraction} is not valid; use 0..1"
+        )
+    if not set(direct_ops) <= set(_OPS):
+        raise ConfigError(
+            f"env.transcript_kwargs.direct_ops={direct_ops!r} is not valid; use operators from "
+            f"{''.join(sorted(_OPS))!r}"
         )
     out = []
     for row in rows:
         a, op, b = _parse(row["prompt"])
         name = _OPS[op]
         result = str(add(a, b) if op == "+" else multiply(a, b))
-        if split_of(f"calculator-direct:{row['prompt']}", direct_fraction) == "test":
+        direct = split_of(f"calculator-direct:{row['prompt']}", direct_fraction) == "test"
+        if direct and op in direct_ops:
             out.append(
                 [
                     {"role": "user", "content": row["prompt"]},

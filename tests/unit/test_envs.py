@@ -425,6 +425,13 @@ def test_calculator_direct_fraction_answers_that_share_without_the_tool(tmp_path
     assert all(len(t) == 2 for t in calculator.sft_transcripts(rows[:50], direct_fraction=1.0))
     with pytest.raises(ConfigError, match=r"direct_fraction=1\.5 is not valid"):
         calculator.sft_transcripts(rows, direct_fraction=1.5)
+    # direct_ops: only sums may be answered directly; every product keeps its tool call
+    sums = calculator.sft_transcripts(rows, direct_fraction=0.3, direct_ops="+")
+    for row, t, mixed in zip(rows, sums, transcripts, strict=True):
+        expect_direct = len(mixed) == 2 and "+" in row["prompt"]
+        assert (len(t) == 2) == expect_direct
+    with pytest.raises(ConfigError, match="direct_ops='-' is not valid"):
+        calculator.sft_transcripts(rows, direct_ops="-")
     # from the config: env.transcript_kwargs, with the closest option named for a typo
     from posttrain.config import load_config
     from posttrain.envs.runs import transcript_rows
