@@ -15,6 +15,7 @@ import torch
 
 from posttrain import advantages as adv_fn
 from posttrain import losses
+from posttrain import turn_credit as turn_fn
 from posttrain.algorithms.base import StepBatch
 from posttrain.algorithms.base import trim_micro_batch as _trim
 from posttrain.algorithms.online import (
@@ -23,12 +24,14 @@ from posttrain.algorithms.online import (
     check_on_policy,
     frozen_reference,
     sequences_to_tensors,
+    turn_index_tensor,
+    turn_tensors,
 )
 from posttrain.config import Config
 from posttrain.data.tensors import chunk_indices, pad_right, shard_for_rank
 from posttrain.models.forward import policy_token_stats
 from posttrain.rollout.factory import make_rollout_source
-from posttrain.rollout.source import SampleSource
+from posttrain.rollout.source import Sample, SampleSource
 from posttrain.runtime import distributed as dist
 
 
@@ -69,6 +72,16 @@ class GRPO(OnlineAlgorithm):
         mine = by_length(flat, shard_for_rank(P * G, dist.rank(), dist.world_size()))
         seqs = [flat[i] for i in mine]
         t = sequences_to_tensors(seqs, seq_adv.reshape(-1)[mine], self.source.pad_id)
+        per_turn = cfg.advantage.credit != "episode"
+        turn_level_em = cfg.advantage.entropy_modulation_level == "turn"
+        if per_turn or turn_level_em:
+            turn_index = turn_index_tensor(seqs, t["mask"].shape[1])
+        if per_turn:
+            turn_adv, turns = self._turn_advantages(flat, rewards, valid, lengths)  # [P * G, K]
+            t["adv"] = turn_fn.turn_token_advantages(turn_adv[mine], turn_index)
+            metrics["advantage/turn_abs_mean"] = (
+                float(turn_adv[turns].abs().mean()) if turns.any() else 0.0
+            )
         denom_local = losses.aggregation_denominator(t["mask"], cfg.loss.aggregation)
         denominator = max(dist.all_reduce_sum(denom_local), 1.0)
         token_total = max(dist.all_reduce_sum(float(t["mask"].sum())), 1.0)
@@ -76,7 +89,11 @@ class GRPO(OnlineAlgorithm):
         if self.recompute_old or cfg.kl.coef > 0 or cfg.advantage.entropy_modulation:
             self._add_old_and_ref(t, model)
         metrics["time/logprob_s"] = time.perf_counter() - t0
-        if cfg.advantage.entropy_modulation:
+        if cfg.advantage.entropy_modulation and turn_level_em:
+            t["adv"] = turn_fn.turn_entropy_modulation(
+                t["adv"], t["entropy_old"], t["mask"], turn_index, cfg.advantage.entropy_modulation
+            )
+        elif cfg.advantage.entropy_modulation:
             t["adv"] = adv_fn.entropy_modulation(
                 t["adv"], t["entropy_old"], t["mask"], cfg.advantage.entropy_modulation
             )
@@ -91,6 +108,32 @@ class GRPO(OnlineAlgorithm):
             denominator=denominator,
             token_total=token_total,
         )
+
+    def _turn_advantages(
+        self, flat: list[Sample], rewards: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-turn advantages [P * G, K] of the step's episodes (`advantage.credit`), and
+        which of them are turns of valid episodes ([P * G, K] bool).
+
+        `rewards` [P, G] are the float32 episode rewards the episode-level path uses, so with
+        gamma = 1 and no turn rewards every turn gets exactly the episode's advantage.
+        """
+        a = self.cfg.advantage
+        P, G = rewards.shape
+        turn_rewards, progress, n_turns = turn_tensors(flat)
+        returns = turn_fn.turn_returns(
+            rewards.float().reshape(-1), turn_rewards, progress, n_turns, a.credit, a.turn_discount
+        )
+        adv = turn_fn.turn_advantages(
+            returns.reshape(P, G, -1),
+            n_turns.reshape(P, G),
+            valid,
+            a.estimator,
+            eps=a.eps,
+            lengths=lengths.float(),
+        )
+        turns = valid.reshape(-1, 1) & (torch.arange(adv.shape[-1]) < n_turns.unsqueeze(-1))
+        return adv.reshape(P * G, -1), turns
 
     def _add_old_and_ref(self, t: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
         """Fill logp_old / entropy_old (current policy) and logp_ref, without grad."""

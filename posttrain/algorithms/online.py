@@ -65,6 +65,42 @@ def sequences_to_tensors(
     }
 
 
+def turn_tensors(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sample's per-turn rewards and progress, padded to the step's most turns K.
+
+    A sample without turn data (a single-turn completion) is one turn without a turn reward.
+
+    Returns:
+        turn_rewards: [N, K] float64 (0 where the environment gave none, and at padding);
+        progress: [N, K] float64 (NaN where none was reported, and at padding);
+        n_turns: [N] long, >= 1.
+    """
+    n = [
+        max(len(r.turn_rewards), len(r.turn_progress), 1 + max(r.turn_index or [0]))
+        for r in (s.rollout for s in samples)
+    ]
+    K = max(n, default=1)
+    rewards = torch.zeros(len(samples), K, dtype=torch.float64)
+    progress = torch.full((len(samples), K), float("nan"), dtype=torch.float64)
+    for i, s in enumerate(samples):
+        for k, v in enumerate(s.rollout.turn_rewards):
+            rewards[i, k] = 0.0 if v is None else float(v)
+        for k, v in enumerate(s.rollout.turn_progress):
+            progress[i, k] = float("nan") if v is None else float(v)
+    return rewards, progress, torch.tensor(n, dtype=torch.long)
+
+
+def turn_index_tensor(samples: list[Sample], width: int) -> torch.Tensor:
+    """[N, width] long: each completion token's turn, aligned like `sequences_to_tensors`' mask
+    (next-token targets); -1 at prompt and padding positions."""
+    out = torch.full((len(samples), width), -1, dtype=torch.long)
+    for i, s in enumerate(samples):
+        start, n = len(s.rollout.prompt_ids) - 1, len(s.rollout.completion_ids)
+        turns = s.rollout.turn_index
+        out[i, start : start + n] = 0 if turns is None else torch.tensor(turns[:n])
+    return out
+
+
 def check_on_policy(groups: list[list[Sample]], version: int) -> None:
     """Raise unless every sample was drawn with the trainer's current weights (`version`).
 

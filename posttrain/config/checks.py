@@ -78,6 +78,7 @@ def validate(cfg: Config) -> None:
     _validate_ppo(cfg)
     _validate_research_methods(cfg)
     _validate_env(cfg)
+    _validate_turn_credit(cfg)
     _validate_lora_deepspeed(cfg)
     if cfg.model.path != "tiny" and Path(cfg.model.path).anchor == "/":
         _check(
@@ -262,6 +263,44 @@ def _validate_env(cfg: Config) -> None:
         f"env.name={e.name!r} needs train.algorithm in {EPISODE_ALGORITHMS} (or sft on its "
         f"transcripts), not {cfg.train.algorithm!r}",
     )
+
+
+def _validate_turn_credit(cfg: Config) -> None:
+    """`advantage.credit`, `turn_discount`, `entropy_modulation_level`: per-turn credit needs
+    multi-turn episodes and a GRPO-family algorithm; the discount is in (0, 1]."""
+    a, algo = cfg.advantage, cfg.train.algorithm
+    gamma = a.turn_discount
+    _check(
+        isinstance(gamma, int | float) and 0 < gamma <= 1,
+        f"advantage.turn_discount={gamma!r} must be in (0, 1] (1 = no discount)",
+    )
+    if a.credit == "episode":
+        _check(
+            gamma == 1,
+            f"advantage.turn_discount={gamma} has no effect with advantage.credit=episode; set "
+            "advantage.credit to return_to_go or progress, or remove the discount",
+        )
+    else:
+        _check(
+            cfg.env.name is not None,
+            f"advantage.credit={a.credit} credits the turns of multi-turn episodes and needs "
+            "env.name (an environment); use advantage.credit=episode for single-turn prompts",
+        )
+        _check(
+            algo == "grpo",
+            f"advantage.credit={a.credit} needs train.algorithm=grpo (the GRPO family), not "
+            f"{algo!r}; use advantage.credit=episode",
+        )
+    if a.entropy_modulation_level == "turn":
+        _check(
+            bool(a.entropy_modulation),
+            "advantage.entropy_modulation_level=turn needs advantage.entropy_modulation (k > 0)",
+        )
+        _check(
+            algo == "grpo",
+            f"advantage.entropy_modulation_level=turn needs train.algorithm=grpo, not {algo!r}; "
+            "use advantage.entropy_modulation_level=token",
+        )
 
 
 def _validate_research_methods(cfg: Config) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain import advantages, losses
+from posttrain import advantages, losses, turn_credit
 
 
 @dataclass(frozen=True)
@@ -132,11 +132,22 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class AdvantageConfig:
     """Advantage estimator (`grpo`, `dr_grpo`, `batch_std`, `rloo`, `reinforce_pp`, `opo`;
-    `gae` with `train.algorithm: ppo` only)."""
+    `gae` with `train.algorithm: ppo` only).
+
+    Multi-turn episodes (`env.name`, GRPO family): `credit` picks what each sampled turn is
+    credited with: `episode` (the episode's advantage on every turn), `return_to_go` (the turn's
+    discounted return, `turn_discount` per turn, against the episode-level baseline) or
+    `progress` (the final reward spread over the turns by the environment's reported progress,
+    then return-to-go). `entropy_modulation_level`: `token` (EMPG weight from each token's
+    entropy) or `turn` (from its turn's mean token entropy).
+    """
 
     estimator: str = "grpo"
     eps: float = 1e-6
     entropy_modulation: float | None = None
+    credit: str = "episode"
+    turn_discount: float = 1.0
+    entropy_modulation_level: str = "token"
 
 
 @dataclass(frozen=True)
@@ -400,6 +411,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.engine": ("vllm", "hf", "server"),
     "rollout.server_weight_transfer": ("file", "nccl"),
     "advantage.estimator": advantages.ESTIMATORS,
+    "advantage.credit": turn_credit.CREDIT_MODES,
+    "advantage.entropy_modulation_level": turn_credit.ENTROPY_MODULATION_LEVELS,
     "loss.ratio_level": losses.RATIO_LEVELS,
     "loss.aggregation": losses.AGGREGATION_MODES,
     "kl.estimator": losses.KL_ESTIMATORS,

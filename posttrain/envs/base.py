@@ -65,7 +65,9 @@ class StepResult:
             results, `user` for an environment's reply); may be empty when `done`.
         reward: a per-turn reward (None: none for this turn).
         done: the episode is over.
-        progress: optional task progress in [0, 1] after this turn (for progress attribution).
+        progress: optional task progress in [0, 1] after this turn (`advantage.credit:
+            progress` spreads the final reward over the turns by its increments; None: not
+            reported, the previous turn's value holds).
         tool_outcomes: how each tool call of the turn ended (one of CALL_OUTCOMES each).
         tool_seconds: wall time spent in tools this turn.
     """

@@ -5,17 +5,21 @@ turn is one guess (the last integer in its text; a turn without one is a wasted 
 environment answers with one user message: "higher", "lower" or "correct" (a wasted guess gets
 "reply with a number from 1 to N"). The episode ends on "correct" or after `max_guesses`
 guesses. Final reward: 1.0 - turn_cost * (guesses - 1) when found (never below 0), else 0.0.
+Progress after each guess (for `advantage.credit: progress`): the share of the uncertainty the
+hints have resolved, on a log scale: 1 - log(n + 1) / log(high + 1), n the numbers still
+consistent with the hints (n = high at the start, 0 once found).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from posttrain.envs.base import StepResult, Turn
 from posttrain.envs.tasks import check_split, last_integer, split_of, task_rng
 from posttrain.errors import ConfigError
 
-__all__ = ["GuessNumberEnv", "make_rows", "sft_transcripts"]
+__all__ = ["GuessNumberEnv", "interval_progress", "make_rows", "sft_transcripts"]
 
 TEST_FRACTION = 0.25
 DEFAULT_HIGH = 16
@@ -55,6 +59,16 @@ def _reply(guess: int | None, secret: int, high: int) -> str:
     if guess is None:
         return f"reply with a number from 1 to {high}"
     return "correct" if guess == secret else "higher" if guess < secret else "lower"
+
+
+def interval_progress(lo: int, hi: int, high: int, solved: bool) -> float:
+    """1 - log(n + 1) / log(high + 1): n = hi - lo + 1 numbers left in [lo, hi] (0 once solved).
+
+    0.0 for the whole range [1, high], 1.0 once found; each halving of the interval adds about
+    1 / log2(high + 1).
+    """
+    n = 0 if solved else max(hi - lo + 1, 0)
+    return 1.0 - math.log(n + 1) / math.log(high + 1)
 
 
 def sft_transcripts(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -111,6 +125,7 @@ class GuessNumberEnv:
         """Start from a row with `prompt`, `secret` and optionally `high` (default 16)."""
         self.secret, self.high = int(row["secret"]), int(row.get("high", DEFAULT_HIGH))
         self.guesses, self.solved = 0, False
+        self.lo, self.hi = 1, self.high  # the numbers still consistent with the hints
         return [{"role": "user", "content": str(row["prompt"])}]
 
     def step(self, turn: Turn) -> StepResult:
@@ -120,16 +135,22 @@ class GuessNumberEnv:
             turn: the assistant turn; its last integer is the guess.
 
         Returns:
-            One user message; done on "correct" or when `max_guesses` guesses are used.
+            One user message; done on "correct" or when `max_guesses` guesses are used; the
+            progress after the guess (`interval_progress`).
         """
         self.guesses += 1
-        reply = _reply(last_integer(turn.text), self.secret, self.high)
+        guess = last_integer(turn.text)
+        reply = _reply(guess, self.secret, self.high)
         self.solved = reply == "correct"
+        if guess is not None and reply == "higher":
+            self.lo = max(self.lo, guess + 1)
+        elif guess is not None and reply == "lower":
+            self.hi = min(self.hi, guess - 1)
         done = self.solved or self.guesses >= self.max_guesses
         return StepResult(
             messages=[{"role": "user", "content": reply}],
             done=done,
-            progress=1.0 if self.solved else None,
+            progress=interval_progress(self.lo, self.hi, self.high, self.solved),
         )
 
     def final_reward(self) -> float:

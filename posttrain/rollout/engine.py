@@ -54,6 +54,10 @@ class Rollout:
         completion_mask: per completion token, 1 if the engine sampled it and 0 if it is an
             observation appended by an environment; None when all were sampled.
         turn_versions: an episode's weight version per sampled turn (empty for one turn).
+        turn_index: per completion token, the episode's assistant turn it belongs to (0 for the
+            first; an observation token gets the turn it answers); None: one turn.
+        turn_rewards: an episode's per-turn rewards (None where the environment gave none).
+        turn_progress: an episode's reported progress after each turn (None where none).
     """
 
     prompt_index: int
@@ -67,6 +71,11 @@ class Rollout:
     # (None: every completion token was sampled), and the weight version of each sampled turn
     completion_mask: list[int] | None = None
     turn_versions: tuple[int, ...] = ()
+    # per-turn credit assignment (posttrain/turn_credit.py): each token's turn, each turn's reward
+    # and reported progress
+    turn_index: list[int] | None = None
+    turn_rewards: tuple[float | None, ...] = ()
+    turn_progress: tuple[float | None, ...] = ()
 
 
 def check_sampling(sampling: SamplingConfig) -> None:

@@ -74,6 +74,7 @@ class Episode:
         turn_versions: the engine's weight version of each sampled turn.
         turn_lengths: sampled tokens of each turn.
         turn_rewards: per-turn rewards the environment gave (None where it gave none).
+        turn_progress: per-turn progress the environment reported (None where it gave none).
         texts: each turn's decoded text with special tokens skipped (what rewards read).
         tool_outcomes: every tool call's outcome (CALL_OUTCOMES).
         end: why the episode ended ("" while it runs).
@@ -89,6 +90,7 @@ class Episode:
     turn_versions: list[int] = field(default_factory=list)
     turn_lengths: list[int] = field(default_factory=list)
     turn_rewards: list[float | None] = field(default_factory=list)
+    turn_progress: list[float | None] = field(default_factory=list)
     tool_outcomes: list[str] = field(default_factory=list)
     end: str = ""
     seconds: float = 0.0
@@ -272,6 +274,7 @@ def _advance(ep: Episode, r: Rollout, result: StepResult | str, tk: Any, lim: Ep
         ep.end = result
         return
     ep.turn_rewards.append(result.reward)
+    ep.turn_progress.append(result.progress)
     ep.tool_outcomes += result.tool_outcomes
     ep.tool_seconds += result.tool_seconds
     history = list(ep.messages)
@@ -344,8 +347,23 @@ def run_episodes(
     return episodes
 
 
+def _token_turns(mask: list[int], turn_lengths: list[int]) -> list[int]:
+    """Each token's turn: sampled tokens are consumed turn by turn (`turn_lengths`, so a turn
+    with no sampled token or an empty observation cannot shift the count); an observation token
+    gets the turn it answers."""
+    out, turn, left = [], -1, 0
+    for m in mask:
+        while m and left == 0 and turn + 1 < len(turn_lengths):
+            turn += 1
+            left = turn_lengths[turn]
+        left -= m
+        out.append(max(turn, 0))
+    return out
+
+
 def episode_rollout(ep: Episode, index: int) -> Rollout:
-    """The episode as one Rollout: prompt ids, then all later ids with their loss mask."""
+    """The episode as one Rollout: prompt ids, then all later ids with their loss mask, each
+    token's turn and each turn's reward and progress (per-turn credit assignment)."""
     return Rollout(
         prompt_index=index,
         prompt_ids=ep.prompt_ids,
@@ -356,6 +374,9 @@ def episode_rollout(ep: Episode, index: int) -> Rollout:
         weight_version=min(ep.turn_versions, default=0),
         completion_mask=ep.mask,
         turn_versions=tuple(ep.turn_versions),
+        turn_index=_token_turns(ep.mask, ep.turn_lengths),
+        turn_rewards=tuple(ep.turn_rewards),
+        turn_progress=tuple(ep.turn_progress),
     )
 
 

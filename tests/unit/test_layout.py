@@ -17,7 +17,12 @@ PACKAGES = ("posttrain", "rewards")
 LAYERS: list[tuple[str, ...]] = [
     ("posttrain.errors",),
     # pure math and the built-in synthetic task: no config, no I/O
-    ("posttrain.losses", "posttrain.advantages", "posttrain.data.arithmetic"),
+    (
+        "posttrain.losses",
+        "posttrain.advantages",
+        "posttrain.turn_credit",
+        "posttrain.data.arithmetic",
+    ),
     ("posttrain.runtime",),  # plain arguments in, no Config type
     ("posttrain.config",),
     ("posttrain.data",),
