@@ -159,14 +159,17 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:
 def kl_shaped_rewards(rewards: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
     """PPO token rewards: r_t = -beta kl_t on masked tokens, plus R on the last masked token.
 
+    The mask may have gaps (an episode's observation tokens): those get no KL and no reward, and
+    R goes on the row's last masked (sampled) token.
+
     Args:
         rewards: [B] scalar rewards R.
         kl: [B, T] per-token KL estimates (detached).
-        mask: [B, T] bool/0-1 (right padded).
+        mask: [B, T] bool/0-1 (right padded; episodes: 0 on observation tokens).
         beta: KL coefficient.
 
     Returns:
-        [B, T] float32 token rewards (0 at padding; R dropped for rows without tokens).
+        [B, T] float32 token rewards (0 where mask is 0; R dropped for rows without tokens).
     """
     m = mask.bool()
     out = _masked(-beta * kl.detach().float(), m)
@@ -178,33 +181,19 @@ def kl_shaped_rewards(rewards: Tensor, kl: Tensor, mask: Tensor, beta: float) ->
     return out + add
 
 
-@torch.no_grad()
-def gae(
-    token_rewards: Tensor,
-    values: Tensor,
-    mask: Tensor,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation over right-padded sequences.
-
-    delta_t = r_t + gamma V_{t+1} - V_t with V = 0 after the last masked token;
-    A_t = sum_k (gamma lam)^k delta_{t+k}; G_t = A_t + V_t. Not whitened (see `whiten`).
+def _gae_runs(r: Tensor, v: Tensor, m: Tensor, gamma: float, lam: float) -> Tensor:
+    """The GAE recursion along rows whose mask is one contiguous run (r, v already masked).
 
     Args:
-        token_rewards: [B, T] (e.g. from `kl_shaped_rewards`).
-        values: [B, T] critic values at rollout time.
-        mask: [B, T] bool/0-1; 1 on a contiguous run of completion tokens per row.
+        r: [B, T] float token rewards, 0 where m is 0.
+        v: [B, T] float values, 0 where m is 0.
+        m: [B, T] float 0/1 mask.
         gamma: discount.
         lam: GAE lambda.
 
     Returns:
-        advantages: [B, T] float32, 0 at padding.
-        returns: [B, T] float32, 0 at padding.
+        [B, T] advantages, 0 where m is 0.
     """
-    m = mask.float()
-    r = _masked(token_rewards.float(), mask)
-    v = _masked(values.float(), mask)
     B, T = r.shape
     adv = torch.zeros_like(r)
     last = torch.zeros(B, dtype=r.dtype, device=r.device)
@@ -216,7 +205,49 @@ def gae(
         delta = r[:, t] + gamma * next_v - v[:, t]
         last = (delta + gamma * lam * next_m * last) * m[:, t]
         adv[:, t] = last
-    return adv, _masked(adv + v, mask)
+    return adv
+
+
+@torch.no_grad()
+def gae(
+    token_rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the masked tokens of each row.
+
+    With t_1 < ... < t_n the masked positions of a row (a completion's tokens, or an episode's
+    sampled tokens with the observation tokens between its turns skipped):
+    delta_k = r_{t_k} + gamma V_{t_{k+1}} - V_{t_k} with V_{t_{n+1}} = 0;
+    A_{t_k} = sum_j (gamma lam)^j delta_{k+j}; G_t = A_t + V_t. Not whitened (see `whiten`).
+    Each row's masked tokens are moved to the front (in order), the recursion runs along them
+    and the result is scattered back: unmasked positions get no value, reward or advantage.
+    For a contiguous mask this is exactly the plain recursion along the run.
+
+    Args:
+        token_rewards: [B, T] (e.g. from `kl_shaped_rewards`).
+        values: [B, T] critic values at rollout time.
+        mask: [B, T] bool/0-1; 1 on the completion's (episodes: the sampled) tokens.
+        gamma: discount.
+        lam: GAE lambda.
+
+    Returns:
+        advantages: [B, T] float32, 0 where mask is 0.
+        returns: [B, T] float32, 0 where mask is 0.
+    """
+    m = mask.bool()
+    n = m.sum(-1)  # [B]
+    width = int(n.max()) if n.numel() else 0
+    # stable sort of the keys 0 (masked) / 1 (not): each row's masked positions first, in order
+    order = torch.argsort((~m).to(torch.uint8), dim=-1, stable=True)[:, :width]  # [B, W]
+    packed = torch.arange(width, device=m.device).expand(m.shape[0], width) < n.unsqueeze(-1)
+    r = _masked(token_rewards.float().gather(-1, order), packed)
+    v = _masked(values.float().gather(-1, order), packed)
+    adv_packed = _gae_runs(r, v, packed.float(), gamma, lam)
+    adv = torch.zeros(m.shape, dtype=r.dtype, device=r.device).scatter(-1, order, adv_packed)
+    return adv, _masked(adv + _masked(values.float(), m), m)
 
 
 def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:

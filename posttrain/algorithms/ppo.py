@@ -8,6 +8,9 @@ loss: the GRPO family's clipped policy loss (`grpo.clipped_policy_loss`: clip, T
 bonus, global-denominator aggregation) + vf_coef * the clipped value loss (token mean). During
 `ppo.critic_warmup_steps` only the value loss trains. The adaptive KL controller's beta is part
 of the resumable state. Math: docs/algorithms.md (`gae`, KL in reward, value loss).
+Multi-turn episodes (`env.name`, an `EpisodeSource` from `make_rollout_source`) train the same
+way: their mask is 0 on observation tokens, so GAE links each sampled token to the next sampled
+token's value and the value, policy and KL terms see sampled tokens only.
 """
 
 from __future__ import annotations

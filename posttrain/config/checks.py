@@ -244,8 +244,9 @@ def _validate_sft_dpo_rm(cfg: Config) -> None:
         _check(sec.max_length >= 2, f"{name}.max_length must be >= 2 tokens")
 
 
-# the algorithms that sample from a rollout source, so can play episodes
-EPISODE_ALGORITHMS = ("grpo", "rebel", "online_dpo")
+# the algorithms that sample from a rollout source, so can play episodes (PPO: GAE and the value
+# loss over the sampled tokens only, `advantages.gae`)
+EPISODE_ALGORITHMS = ("grpo", "rebel", "online_dpo", "ppo")
 
 
 def _validate_env(cfg: Config) -> None:
