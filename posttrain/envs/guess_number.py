@@ -13,6 +13,7 @@ consistent with the hints (n = high at the start, 0 once found).
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 from posttrain.envs.base import StepResult, Turn
@@ -71,22 +72,40 @@ def interval_progress(lo: int, hi: int, high: int, solved: bool) -> float:
     return 1.0 - math.log(n + 1) / math.log(high + 1)
 
 
-def sft_transcripts(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Ideal conversations: binary search (at most ceil(log2(high + 1)) guesses).
+def sft_transcripts(
+    rows: list[dict[str, Any]], random_fraction: float = 0.0
+) -> list[list[dict[str, Any]]]:
+    """Synthetic conversations: binary search (at most ceil(log2(high + 1)) guesses).
+
+    With `random_fraction` > 0, that share of the transcripts (picked at random, reproducibly,
+    by position) guesses a uniformly random number still consistent with the hints instead of
+    the midpoint: it always finds the number, in more guesses. A model warmed up on the mix
+    searches sometimes well and sometimes not, so RL (with a `turn_cost` or a tight
+    `max_guesses`) has room to raise success and cut the turns used.
 
     Args:
         rows: rows of `make_rows`.
+        random_fraction: share of transcripts with random consistent guesses, in [0, 1].
 
     Returns:
         One message list per row: the prompt, then each guess and the environment's reply.
+
+    Raises:
+        ConfigError: random_fraction outside [0, 1].
     """
+    if not 0.0 <= random_fraction <= 1.0:
+        raise ConfigError(
+            f"env.transcript_kwargs.random_fraction={random_fraction} is not valid; use 0..1"
+        )
     out = []
-    for row in rows:
+    for i, row in enumerate(rows):
         secret, high = int(row["secret"]), int(row.get("high", DEFAULT_HIGH))
+        rng = random.Random(f"guess_number-sft:{i}:{secret}")
+        search_randomly = rng.random() < random_fraction
         lo, hi = 1, high
         messages: list[dict[str, Any]] = [{"role": "user", "content": row["prompt"]}]
         while True:
-            guess = (lo + hi) // 2
+            guess = rng.randint(lo, hi) if search_randomly else (lo + hi) // 2
             reply = _reply(guess, secret, high)
             messages += [
                 {"role": "assistant", "content": str(guess)},

@@ -449,6 +449,34 @@ def test_calculator_direct_fraction_answers_that_share_without_the_tool(tmp_path
         transcript_rows(cfg)
 
 
+def test_guess_number_random_fraction_guesses_consistently_at_random() -> None:
+    rows = guess_number.make_rows(400, 0, "train")
+    binary = guess_number.sft_transcripts(rows)
+    mixed = guess_number.sft_transcripts(rows, random_fraction=0.5)
+    assert guess_number.sft_transcripts(rows, random_fraction=0.5) == mixed  # reproducible
+    randomized = 0
+    for row, b, m in zip(rows, binary, mixed, strict=True):
+        lo, hi = 1, row["high"]
+        guesses = [int(x["content"]) for x in m[1::2]]
+        replies = [x["content"] for x in m[2::2]]
+        for g, reply in zip(guesses, replies, strict=True):  # every guess is still possible
+            assert lo <= g <= hi
+            assert reply == (
+                "correct" if g == row["secret"] else "higher" if g < row["secret"] else "lower"
+            )
+            lo, hi = (
+                (g + 1, hi) if reply == "higher" else (lo, g - 1) if reply == "lower" else (g, g)
+            )
+        assert replies[-1] == "correct" and guesses[-1] == row["secret"]
+        randomized += m != b
+    # about half search at random (a few random searches happen to hit the midpoints)
+    assert 0.35 < randomized / len(rows) < 0.55
+    turns = [len(t) // 2 for t in mixed]
+    assert sum(turns) / len(turns) > sum(len(t) // 2 for t in binary) / len(binary)
+    with pytest.raises(ConfigError, match=r"random_fraction=-0\.1 is not valid"):
+        guess_number.sft_transcripts(rows, random_fraction=-0.1)
+
+
 def test_the_readme_tool_environment_runs() -> None:
     """The README's example environment, executed from the README itself."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
