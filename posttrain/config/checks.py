@@ -18,6 +18,12 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _has_reward(cfg: Config) -> bool:
+    """A configured reward, or an environment (its `final_reward()` scores the episodes; the
+    `rewards` are then only needed where it returns None, checked when that happens)."""
+    return len(cfg.rewards) >= 1 or cfg.env.name is not None
+
+
 def validate(cfg: Config) -> None:
     """Semantic checks a type system cannot express; raises ConfigError naming the field."""
     for dotted, options in CHOICES.items():
@@ -34,7 +40,7 @@ def validate(cfg: Config) -> None:
             f"train.micro_batch_size_per_device={t.micro_batch_size_per_device} must divide "
             f"prompts_per_step * samples_per_prompt = {n}",
         )
-        _check(len(cfg.rewards) >= 1, "rewards: GRPO needs at least one reward")
+        _check(_has_reward(cfg), "rewards: GRPO needs at least one reward")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
     _check(
         r.engine != "server" or bool(r.server_url.strip()),
@@ -196,7 +202,7 @@ def _validate_ppo(cfg: Config) -> None:
     n = r.prompts_per_step * r.samples_per_prompt
     mb = cfg.train.micro_batch_size_per_device
     _check(n % mb == 0, f"train.micro_batch_size_per_device={mb} must divide {n} samples/step")
-    _check(len(cfg.rewards) >= 1, "rewards: PPO needs at least one reward")
+    _check(_has_reward(cfg), "rewards: PPO needs at least one reward")
     _check(
         not r.filter_zero_variance_groups,
         "rollout.filter_zero_variance_groups is for group baselines; not with train.algorithm=ppo",
@@ -316,7 +322,7 @@ def _validate_research_methods(cfg: Config) -> None:
             f"train.micro_batch_size_per_device={t.micro_batch_size_per_device} must be a "
             f"multiple of rollout.samples_per_prompt={r.samples_per_prompt}",
         )
-        _check(len(cfg.rewards) >= 1, "rewards: REBEL needs at least one reward")
+        _check(_has_reward(cfg), "rewards: REBEL needs at least one reward")
         unused = {
             "loss.ratio_level=sequence": cfg.loss.ratio_level == "sequence",
             f"loss.dual_clip_c={cfg.loss.dual_clip_c}": cfg.loss.dual_clip_c is not None,
@@ -336,7 +342,7 @@ def _validate_research_methods(cfg: Config) -> None:
     if t.algorithm == "online_dpo":
         _check(r.samples_per_prompt >= 2, "rollout.samples_per_prompt must be >= 2 for online_dpo")
         _check(
-            len(cfg.rewards) >= 1, "rewards: online_dpo labels its pairs with at least one reward"
+            _has_reward(cfg), "rewards: online_dpo labels its pairs with at least one reward"
         )
         unused = {
             f"kl.coef={cfg.kl.coef}": cfg.kl.coef != 0,

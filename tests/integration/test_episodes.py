@@ -15,7 +15,7 @@ from posttrain.algorithms.grpo import GRPO
 from posttrain.config import load_config
 from posttrain.envs import environment_factory
 from posttrain.envs.base import StepResult, Turn
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, RolloutError
 from posttrain.models import load_policy, load_tokenizer
 from posttrain.rollout.engine import Rollout
 from posttrain.rollout.episode_source import EpisodeSource
@@ -286,6 +286,34 @@ def test_an_environment_that_raises_or_hangs_masks_its_episode(tok, tmp_path, en
     assert metrics[f"agent/end/{end}"] == 4.0 and metrics["samples/reward_none"] == 4.0
 
 
+class UnscoredEnv(RaisingEnv):
+    """Ends after one turn and leaves the scoring to the configured `rewards`."""
+
+    def step(self, turn: Turn) -> StepResult:
+        return StepResult(done=True)
+
+    def final_reward(self) -> float | None:
+        return None
+
+
+def test_the_configured_rewards_score_what_the_environment_does_not(tok, tmp_path):
+    # final_reward() None: the `rewards` (exact_answer on the final turn) score the episode
+    cfg = _cfg(tmp_path)
+    turns = [[_turn_ids(tok, "56088")], [_turn_ids(tok, "7")]] * 2
+    source = EpisodeSource(cfg, tok, ScriptedEngine(tok, turns), [ROW], [ROW], UnscoredEnv)
+    (group,), _ = source.collect_groups(0)
+    assert [s.reward for s in group] == [1.0, 0.0, 1.0, 0.0]
+    # an environment run may leave `rewards` empty, but then every episode needs a final reward
+    cfg = _cfg(tmp_path, "rewards=[]")
+    source = EpisodeSource(cfg, tok, ScriptedEngine(tok, turns), [ROW], [ROW], UnscoredEnv)
+    with pytest.raises(
+        RolloutError, match=r"final_reward\(\) returned None .* `rewards` is empty"
+    ):
+        source.collect_groups(0)
+    with pytest.raises(ConfigError, match="GRPO needs at least one reward"):
+        load_config(None, ["rewards=[]"])  # single-turn prompts always need a reward
+
+
 def test_episode_metrics_count_outcomes_and_observation_tokens(tok, tmp_path):
     scripts = [[_turn_ids(tok, t) for t in s] for s in SCRIPTS]
     eps = run_episodes(
@@ -354,15 +382,25 @@ def test_transcripts_json_roundtrip(tok, tmp_path):
     assert doc[0]["reward"] == 1.0 and doc[0]["messages"][-1]["content"] == "56088"
 
 
+# every environment recipe, and the first words of its tasks
+ENV_RECIPES = {
+    "calculator_tiny": "What is ",
+    "calculator_loop": "What is ",
+    "guess_number_tiny": "Guess my number",
+    "code_feedback_tiny": "Write a Python function",
+}
+
+
 @pytest.mark.slow
-def test_calculator_recipe_short_run(tiny_model_dir, tmp_path):
-    """recipes/calculator_tiny.yaml end to end for a few steps: SFT warm-up on the environment's
+@pytest.mark.parametrize("name", sorted(ENV_RECIPES))
+def test_environment_recipe_short_run(tiny_model_dir, tmp_path, name):
+    """Each environment recipe end to end for a few steps: SFT warm-up on the environment's
     transcripts, GRPO on episodes with in-process vLLM, eval transcripts on disk."""
     from pathlib import Path
 
     from posttrain.trainer import Trainer
 
-    recipe = Path(__file__).resolve().parents[2] / "recipes" / "calculator_tiny.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / f"{name}.yaml"
     cfg = load_config(
         recipe,
         [
@@ -375,12 +413,14 @@ def test_calculator_recipe_short_run(tiny_model_dir, tmp_path):
             "rollout.prompts_per_step=2",
             "rollout.samples_per_prompt=4",
             "train.micro_batch_size_per_device=8",
+            "data.train_size=64",
             "eval.num_problems=4",
             "log.wandb=disabled",
         ],
     )
     history = Trainer(cfg).train()
     assert len(history) == 2
+    assert history[-1]["weight_version"] == 2.0  # one sync per step
     for m in history:
         ends = sum(v for k, v in m.items() if k.startswith("agent/end/"))
         assert ends == 2 * 4  # every episode ended, with a reason
@@ -390,4 +430,4 @@ def test_calculator_recipe_short_run(tiny_model_dir, tmp_path):
     transcripts = sorted((tmp_path / "transcripts").glob("eval-*.json"))
     assert len(transcripts) == 2  # before and after training
     doc = json.loads(transcripts[-1].read_text())
-    assert doc and doc[0]["messages"][0]["content"].startswith("What is ")
+    assert doc and doc[0]["messages"][0]["content"].startswith(ENV_RECIPES[name])
