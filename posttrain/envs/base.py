@@ -86,7 +86,9 @@ class Environment(Protocol):
 
     `tools` (a list of plain typed Python functions with Google docstrings, or empty) is what the
     chat template is rendered with (`apply_chat_template(tools=...)`) so the model sees their
-    JSON schemas.
+    JSON schemas. An environment may also expose `solved` (a bool attribute or property, read
+    after the episode) when success is not "reward >= 1" (e.g. a reward with a per-turn cost);
+    success rates (`accuracy`, `eval/greedy_acc`, `eval/avg@k`) count solved episodes.
     """
 
     tools: list[Any]
@@ -102,3 +104,12 @@ class Environment(Protocol):
     def final_reward(self) -> float | None:
         """The episode's reward once it is done (None: score the final answer with `rewards`)."""
         ...
+
+
+def episode_solved(env: Any, reward: float | None) -> bool | None:
+    """Whether an episode succeeded: the environment's `solved` when it has one, else
+    `reward >= 1.0` (None: the episode was masked)."""
+    if reward is None:
+        return None
+    solved = getattr(env, "solved", None)
+    return bool(solved) if isinstance(solved, bool) else reward >= 1.0

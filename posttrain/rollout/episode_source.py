@@ -9,6 +9,13 @@ episode is the G episodes of its task.
 Episode reward = the environment's `final_reward()` (or, where it returns None, the configured
 `rewards` on the final assistant turn) + the per-turn rewards it gave; None when the environment
 raised (the episode is masked and counted).
+
+Under torchrun with a vLLM replica per rank or vLLM servers (`EpisodeShards`,
+posttrain/rollout/sharded.py) each rank plays and scores the G episodes of its own block of the
+step's tasks, every turn seeded as one engine would seed it, and the scored groups are gathered:
+every rank returns the whole step, the same as one rank would, and trains on its shard. With the
+`hf` engine (no per-prompt seeds) every rank plays every episode, as it generates every
+single-turn completion.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import Config
-from posttrain.envs.base import Environment
+from posttrain.envs.base import Environment, episode_solved
+from posttrain.errors import RolloutError
 from posttrain.rollout.episodes import (
     Episode,
     EpisodeLimits,
@@ -29,6 +37,7 @@ from posttrain.rollout.episodes import (
     episode_rollout,
     run_episodes,
 )
+from posttrain.rollout.sharded import EpisodeShards
 from posttrain.rollout.source import RolloutSource, Sample, rollout_metrics, step_sampling
 from posttrain.runtime import distributed as dist
 from rewards import score
@@ -57,6 +66,7 @@ class EpisodeSource(RolloutSource):
         engine: a RolloutEngine.
         train_rows, eval_rows: the environment's task rows.
         env_factory: makes one fresh environment per episode.
+        shards: how the ranks split the episodes (None: this rank plays all of them).
     """
 
     def __init__(
@@ -67,24 +77,58 @@ class EpisodeSource(RolloutSource):
         train_rows: list[dict[str, Any]],
         eval_rows: list[dict[str, Any]],
         env_factory: Callable[[], Environment],
+        shards: EpisodeShards | None = None,
     ) -> None:
         super().__init__(cfg, tokenizer, engine, train_rows, eval_rows, stage_rows=[])
         self.env_factory = env_factory
+        self.shards = shards
         self.limits = episode_limits(cfg)
         self.evals = 0
 
+    def _block(self, n: int) -> tuple[int, int]:
+        """[start, stop) of the n tasks this rank plays."""
+        return (0, n) if self.shards is None else self.shards.bounds(n)
+
     def _play(self, rows: list[dict[str, Any]], sampling: Any) -> tuple[list[Episode], list]:
-        """Play one episode per row; their rewards (None: masked)."""
-        eps = run_episodes(
-            rows,
-            self.env_factory,
-            self.engine,
-            self.tokenizer,
-            sampling,
-            self.limits,
-            self.cfg.env.tool_parser,
-        )
-        return eps, self._rewards(rows, eps)
+        """Play one episode per row; their rewards (None: masked).
+
+        Sharded, `rows` must be this rank's block (`_block`), every rank calls this together,
+        the results are then combined with `_gather`, and a failure of any rank's episodes or
+        rewards raises on every rank.
+        """
+
+        def run(engine: Any) -> tuple[list[Episode], list]:
+            eps = run_episodes(
+                rows,
+                self.env_factory,
+                engine,
+                self.tokenizer,
+                sampling,
+                self.limits,
+                self.cfg.env.tool_parser,
+            )
+            return eps, self._rewards(rows, eps)
+
+        return run(self.engine) if self.shards is None else self.shards.play(run)
+
+    def _gather(
+        self, eps: list[Episode], rewards: list, samples: list[Sample], n: int
+    ) -> tuple[list[Episode], list, list[Sample]]:
+        """Every rank's episodes (without their environments), rewards and samples of its block
+        of n tasks, in task order; each sample's `prompt_index` made the task's index."""
+        if self.shards is None:
+            return eps, rewards, samples
+        light = [replace(ep, env=None) for ep in eps]  # environments stay where they ran
+        all_eps: list[Episode] = []
+        all_rewards: list = []
+        all_samples: list[Sample] = []
+        for start, (e, r, s) in self.shards.gather((light, rewards, samples), n):
+            for sample in s:
+                sample.rollout.prompt_index += start
+            all_eps += e
+            all_rewards += r
+            all_samples += s
+        return all_eps, all_rewards, all_samples
 
     def _rewards(self, rows: list[dict[str, Any]], eps: list[Episode]) -> list[float | None]:
         """Final reward (environment, else the `rewards` on the final turn) + turn rewards."""
@@ -95,6 +139,12 @@ class EpisodeSource(RolloutSource):
                 finals[i] = ep.env.final_reward()
                 if finals[i] is None:
                     need.append(i)
+        if need and not self.specs:
+            raise RolloutError(
+                f"env {self.cfg.env.name!r}: final_reward() returned None (score the final turn "
+                "with the configured rewards) but `rewards` is empty; configure a reward or "
+                "return a number from final_reward()"
+            )
         if need:
             col = self.cfg.data.prompt_column
             picked = [rows[i] for i in need]
@@ -112,6 +162,7 @@ class EpisodeSource(RolloutSource):
         for ep, final in zip(eps, finals, strict=True):
             bonus = sum(r for r in ep.turn_rewards if r is not None)
             out.append(None if final is None else final + bonus)
+            ep.solved = episode_solved(ep.env, out[-1])
         return out
 
     def collect_groups(
@@ -122,7 +173,8 @@ class EpisodeSource(RolloutSource):
         G = r.samples_per_prompt
         self.stream.set_step(step)
         indices = self.stream.take_indices(r.prompts_per_step)
-        rows = [self.stream.rows[i] for i in indices for _ in range(G)]
+        start, stop = self._block(len(indices))
+        rows = [self.stream.rows[i] for i in indices[start:stop] for _ in range(G)]
         t0 = time.perf_counter()
         eps, rewards = self._play(rows, step_sampling(self.cfg, step))
         elapsed = time.perf_counter() - t0
@@ -130,15 +182,18 @@ class EpisodeSource(RolloutSource):
             Sample(episode_rollout(ep, i // G), rew, rew is not None)
             for i, (ep, rew) in enumerate(zip(eps, rewards, strict=True))
         ]
-        success = [None if v is None else float(v >= 1.0) for v in rewards]
+        played, env_s = len(eps), sum(ep.seconds for ep in eps)  # this rank's
+        eps, rewards, samples = self._gather(eps, rewards, samples, len(indices))
+        success = [None if ep.solved is None else float(ep.solved) for ep in eps]
         self.stream.record(indices, success)
         judged = [v for v in success if v is not None]
         stats = {"accuracy": sum(judged) / max(len(judged), 1)}
         metrics = rollout_metrics(samples, [stats], self.cfg)
         metrics.update(episode_metrics(eps))
-        env_s = metrics["agent/env_seconds"]
         metrics["time/generate_s"] = elapsed - env_s
         metrics["time/env_s"] = env_s
+        if self.shards is not None:
+            metrics["agent/rank_episodes"] = float(played)  # this rank's block (rank 0's logged)
         metrics.update(self.stream.metrics())
         return [samples[g * G : (g + 1) * G] for g in range(len(indices))], metrics
 
@@ -148,17 +203,39 @@ class EpisodeSource(RolloutSource):
         if not rows:
             return {}
         greedy = replace(step_sampling(self.cfg, 0), temperature=0.0, seed=None)
-        eps, rewards = self._play(rows, greedy)
+        start, stop = self._block(len(rows))
+        eps, rewards = self._play(rows[start:stop], greedy)
+        eps, rewards, _ = self._gather(eps, rewards, [], len(rows))
         judged = [v for v in rewards if v is not None]
         m = episode_metrics(eps)
         out = {
-            "eval/greedy_acc": sum(v >= 1.0 for v in judged) / len(rows),
+            "eval/greedy_acc": sum(bool(ep.solved) for ep in eps) / len(rows),
             "eval/greedy_reward_mean": sum(judged) / len(rows),
             "eval/turns_mean": m["agent/turns_mean"],
             "eval/tool_calls_valid_frac": m["agent/tool_calls/valid_frac"],
         }
         self._write_transcripts(eps[:TRANSCRIPTS_PER_EVAL], rewards)
+        if self.cfg.eval.k >= 1 and self.cfg.eval.seeds:
+            out.update(self._sampled_eval(rows, self.cfg.eval.k))
         return out
+
+    def _sampled_eval(self, rows: list[dict[str, Any]], k: int) -> dict[str, float]:
+        """k episodes per held-out task at `eval.temperature` (seed `eval.seeds[0]`): the policy's
+        success as it samples (`eval/avg@k`) and the share of tasks solved at least once."""
+        e = self.cfg.eval
+        sampling = replace(
+            step_sampling(self.cfg, 0), temperature=e.temperature, top_p=e.top_p, seed=e.seeds[0]
+        )
+        start, stop = self._block(len(rows))
+        eps, rewards = self._play([row for row in rows[start:stop] for _ in range(k)], sampling)
+        eps, rewards, _ = self._gather(eps, rewards, [], len(rows))
+        solved = [bool(ep.solved) for ep in eps]
+        tasks = [solved[i * k : (i + 1) * k] for i in range(len(rows))]
+        return {
+            f"eval/avg@{k}": sum(solved) / len(solved),
+            f"eval/pass@{k}": sum(any(t) for t in tasks) / len(tasks),
+            "eval/sampled_turns_mean": episode_metrics(eps)["agent/turns_mean"],
+        }
 
     def _write_transcripts(self, eps: list[Episode], rewards: list[float | None]) -> None:
         """A few evaluated conversations under `<output_dir>/transcripts/` (rank 0)."""
@@ -173,3 +250,12 @@ class EpisodeSource(RolloutSource):
         ]
         path = out / f"eval-{self.evals:03d}.json"
         path.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Resumable position, and how many evaluations wrote transcripts."""
+        return {**super().state_dict(), "evals": self.evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore position, version and the transcript count."""
+        super().load_state_dict(state)
+        self.evals = int(state.get("evals", 0))

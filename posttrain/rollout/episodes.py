@@ -78,6 +78,7 @@ class Episode:
         texts: each turn's decoded text with special tokens skipped (what rewards read).
         tool_outcomes: every tool call's outcome (CALL_OUTCOMES).
         end: why the episode ended ("" while it runs).
+        solved: whether it succeeded (`envs.base.episode_solved`; None until scored or masked).
         seconds: environment time (reset + steps).
     """
 
@@ -93,6 +94,7 @@ class Episode:
     turn_progress: list[float | None] = field(default_factory=list)
     tool_outcomes: list[str] = field(default_factory=list)
     end: str = ""
+    solved: bool | None = None
     seconds: float = 0.0
     tool_seconds: float = 0.0
 

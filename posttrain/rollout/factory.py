@@ -4,8 +4,11 @@ wrapped for async prefetch when `rollout.max_staleness > 0`)."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from posttrain.config import Config
 from posttrain.data.curriculum import load_stage_rows
@@ -16,8 +19,13 @@ from posttrain.models import load_policy
 from posttrain.rollout import make_engine
 from posttrain.rollout.async_source import AsyncRolloutSource
 from posttrain.rollout.episode_source import EpisodeSource
-from posttrain.rollout.server_ranks import make_server_engine
-from posttrain.rollout.sharded import ShardedEngine, make_vllm_replica
+from posttrain.rollout.server_ranks import RankedServerEngine, make_server_engine
+from posttrain.rollout.sharded import (
+    EpisodeShards,
+    ShardedEngine,
+    group_all_gather,
+    make_vllm_replica,
+)
 from posttrain.rollout.source import RolloutSource, SampleSource
 from posttrain.runtime import distributed as dist
 from rewards.registry import TOKEN_ENTROPY
@@ -26,6 +34,8 @@ from rewards.startup import validate_rewards
 
 def check_rewards(cfg: Config, rows: list[dict]) -> None:
     """Fail before training on any reward problem (name, column, kwarg, rubric, judge server)."""
+    if not cfg.rewards and cfg.env.name is not None:
+        return  # the environment scores its episodes (EpisodeSource checks where it does not)
     col = cfg.data.prompt_column
     columns = {k: [row.get(k) for row in rows] for k in (rows[0] if rows else {}) if k != col}
     # The sampling algorithms compute the policy's token entropy for rewards that need it (RENT).
@@ -96,13 +106,44 @@ def max_model_len(cfg: Config) -> int:
     return cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens + extra
 
 
+def _server_block(
+    engine: RankedServerEngine, prompt_ids: list[list[int]], sampling: Any, first_index: int
+) -> list:
+    """A block of a larger call on this rank's server engine (rank 0 checks the servers'
+    weights first, as `RankedServerEngine.generate` does)."""
+    if engine.rank == 0 and engine.verify_weights:
+        engine.engine.check_versions()
+    return engine.engine.generate(prompt_ids, sampling, first_index=first_index)
+
+
+def episode_shards(engine: Any) -> EpisodeShards | None:
+    """How the ranks split a step's episodes: by whole groups where each rank's engine samples
+    any block of a call with the call's per-prompt seeds (a vLLM replica per rank, or vLLM
+    servers); None with one rank or the `hf` engine (every rank plays every episode).
+
+    Collective: every rank calls it at the same point (it makes the episodes' gloo group).
+    """
+    if dist.world_size() == 1:
+        return None
+    if isinstance(engine, ShardedEngine):
+        block: Any = engine.generate_block
+    elif isinstance(engine, RankedServerEngine):
+        block = partial(_server_block, engine)
+    else:
+        return None
+    gather = group_all_gather(torch.distributed.new_group(backend="gloo"))
+    return EpisodeShards(block, dist.rank(), dist.world_size(), gather)
+
+
 def make_episode_source(cfg: Config, model_path: str, tokenizer: Any) -> SampleSource:
-    """Multi-turn episodes of `env.name` (rewards checked against the task rows)."""
+    """Multi-turn episodes of `env.name` (rewards checked against the task rows); under torchrun
+    split over the ranks by whole groups (`episode_shards`)."""
     train, held = env_rows(cfg)
     check_rewards(cfg, train)
     factory = env_factory(cfg)
     engine = make_rollout_engine(cfg, model_path, tokenizer)
-    source = EpisodeSource(cfg, tokenizer, engine, train, held, factory)
+    shards = episode_shards(engine)
+    source = EpisodeSource(cfg, tokenizer, engine, train, held, factory, shards)
     if cfg.rollout.max_staleness > 0:
         return AsyncRolloutSource(source, cfg.rollout.max_staleness, cfg.train.steps)
     return source

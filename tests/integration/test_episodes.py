@@ -286,6 +286,39 @@ def test_an_environment_that_raises_or_hangs_masks_its_episode(tok, tmp_path, en
     assert metrics[f"agent/end/{end}"] == 4.0 and metrics["samples/reward_none"] == 4.0
 
 
+@dataclass
+class CalculatingEngine:
+    """Calls `multiply` first, then answers with the tool's result: the same policy at every
+    temperature. Records each call's prompt count and temperature."""
+
+    tokenizer: Any
+    weight_version: int = 0
+    calls: list = field(default_factory=list)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: Any) -> list[Rollout]:
+        self.calls.append((len(prompt_ids), sampling.temperature))
+        out = []
+        for i, ctx in enumerate(prompt_ids):
+            seen = self.tokenizer.decode(ctx, skip_special_tokens=False)
+            text = seen.rsplit("tool\n", 1)[1].split("<|im_end|>")[0] if "tool\n" in seen else MUL
+            ids = _turn_ids(self.tokenizer, text)
+            out.append(Rollout(i, ctx, ids, [-0.1] * len(ids), text, "stop", 0))
+        return out
+
+
+def test_evaluation_reports_greedy_and_sampled_success(tok, tmp_path):
+    cfg = _cfg(tmp_path, "eval.k=3", "eval.temperature=0.7")
+    wrong = {**ROW, "answer": "1"}  # the tool's product never equals it
+    engine = CalculatingEngine(tok)
+    source = EpisodeSource(cfg, tok, engine, [ROW], [ROW, wrong], environment_factory("calculator"))
+    out = source.evaluate()
+    # greedy: 2 tasks x 2 turns, then sampled: 3 episodes per task x 2 turns
+    assert engine.calls == [(2, 0.0), (2, 0.0), (6, 0.7), (6, 0.7)]
+    assert out["eval/greedy_acc"] == 0.5 and out["eval/turns_mean"] == 2.0
+    assert out["eval/avg@3"] == 0.5 and out["eval/pass@3"] == 0.5
+    assert out["eval/sampled_turns_mean"] == 2.0
+
+
 class UnscoredEnv(RaisingEnv):
     """Ends after one turn and leaves the scoring to the configured `rewards`."""
 
@@ -306,9 +339,7 @@ def test_the_configured_rewards_score_what_the_environment_does_not(tok, tmp_pat
     # an environment run may leave `rewards` empty, but then every episode needs a final reward
     cfg = _cfg(tmp_path, "rewards=[]")
     source = EpisodeSource(cfg, tok, ScriptedEngine(tok, turns), [ROW], [ROW], UnscoredEnv)
-    with pytest.raises(
-        RolloutError, match=r"final_reward\(\) returned None .* `rewards` is empty"
-    ):
+    with pytest.raises(RolloutError, match=r"final_reward\(\) returned None .* `rewards` is empty"):
         source.collect_groups(0)
     with pytest.raises(ConfigError, match="GRPO needs at least one reward"):
         load_config(None, ["rewards=[]"])  # single-turn prompts always need a reward
@@ -373,11 +404,10 @@ def _guess_rows() -> list[dict]:
 
 def test_transcripts_json_roundtrip(tok, tmp_path):
     cfg = _cfg(tmp_path, "eval.num_problems=1")
-    scripts = [[_turn_ids(tok, t) for t in SCRIPTS[0]]]
-    engine = ScriptedEngine(tok, scripts)
+    engine = CalculatingEngine(tok)
     source = EpisodeSource(cfg, tok, engine, [ROW], [ROW], environment_factory("calculator"))
     out = source.evaluate()
-    assert out["eval/greedy_acc"] == 1.0 and out["eval/turns_mean"] == 3.0
+    assert out["eval/greedy_acc"] == 1.0 and out["eval/turns_mean"] == 2.0
     doc = json.loads((tmp_path / "transcripts" / "eval-001.json").read_text())
     assert doc[0]["reward"] == 1.0 and doc[0]["messages"][-1]["content"] == "56088"
 

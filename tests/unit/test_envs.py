@@ -492,3 +492,21 @@ def test_the_readme_tool_environment_runs() -> None:
     assert result.tool_outcomes == ["ok"] and result.messages[0]["content"] == "Peru"
     assert env.step(Turn(text="Peru", index=1)).done
     assert env.final_reward() == 1.0
+
+
+def test_episode_solved_reads_the_environments_solved_else_a_full_reward() -> None:
+    from posttrain.envs.base import episode_solved
+
+    env = GuessNumberEnv(max_guesses=5, turn_cost=0.1)
+    env.reset({"prompt": "Guess my number from 1 to 16.", "secret": 3, "high": 16})
+    for guess in ("8", "3"):
+        env.step(Turn(guess, (), ()))
+    reward = env.final_reward()
+    assert reward == pytest.approx(0.9) and episode_solved(env, reward) is True
+    lost = GuessNumberEnv(max_guesses=1)
+    lost.reset({"prompt": "Guess my number from 1 to 16.", "secret": 3, "high": 16})
+    lost.step(Turn("8", (), ()))
+    assert episode_solved(lost, lost.final_reward()) is False
+    calc = CalculatorEnv()  # no `solved`: a full reward is success
+    assert episode_solved(calc, 1.0) is True and episode_solved(calc, 0.5) is False
+    assert episode_solved(calc, None) is None  # masked
