@@ -341,9 +341,7 @@ def _validate_research_methods(cfg: Config) -> None:
             )
     if t.algorithm == "online_dpo":
         _check(r.samples_per_prompt >= 2, "rollout.samples_per_prompt must be >= 2 for online_dpo")
-        _check(
-            _has_reward(cfg), "rewards: online_dpo labels its pairs with at least one reward"
-        )
+        _check(_has_reward(cfg), "rewards: online_dpo labels its pairs with at least one reward")
         unused = {
             f"kl.coef={cfg.kl.coef}": cfg.kl.coef != 0,
             f"advantage.estimator={cfg.advantage.estimator}": cfg.advantage.estimator != "grpo",
