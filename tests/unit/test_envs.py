@@ -510,3 +510,21 @@ def test_episode_solved_reads_the_environments_solved_else_a_full_reward() -> No
     calc = CalculatorEnv()  # no `solved`: a full reward is success
     assert episode_solved(calc, 1.0) is True and episode_solved(calc, 0.5) is False
     assert episode_solved(calc, None) is None  # masked
+
+
+def test_the_readme_environment_plays_a_countdown() -> None:
+    """The README's tool-less example environment, executed from the README itself."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("from posttrain.envs.base import StepResult\n\n\nclass CountdownEnv")
+    ns: dict = {}
+    exec(readme[start : readme.index("```", start)], ns)
+    env = ns["CountdownEnv"]()
+    assert isinstance(env, Environment)
+    assert env.reset({"n": 3}) == [
+        {"role": "user", "content": "Count down from 3, one number per turn."}
+    ]
+    results = [env.step(Turn(text, (), (), index=i)) for i, text in enumerate(["3", "2", "1"])]
+    assert [r.done for r in results] == [False, False, True] and env.final_reward() == 1.0
+    env.reset({"n": 3})
+    wrong = env.step(Turn("2", (), ()))  # a wrong number ends the episode unsolved
+    assert wrong.done and env.final_reward() == 0.0
