@@ -31,6 +31,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/grpo_step.py
+	$(BIN)/python benchmarks/episode_step.py
 	$(BIN)/python benchmarks/dpo_sft_step.py
 	$(BIN)/python benchmarks/rewards_bench.py
 

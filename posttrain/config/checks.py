@@ -43,6 +43,10 @@ def validate(cfg: Config) -> None:
         _check(_has_reward(cfg), "rewards: GRPO needs at least one reward")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
     _check(
+        r.kv_block_size is None or (r.kv_block_size >= 16 and r.kv_block_size % 16 == 0),
+        f"rollout.kv_block_size={r.kv_block_size}: use a multiple of 16 (e.g. 32), or null",
+    )
+    _check(
         r.engine != "server" or bool(r.server_url.strip()),
         "rollout.engine=server needs rollout.server_url (e.g. http://127.0.0.1:8000; start one "
         "with `posttrain rollout-server MODEL`)",

@@ -100,6 +100,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     kv_cache_gib: float = 1.0
+    # vLLM KV-cache block (tokens; None: vLLM's default, 128 on CPU). Its prefix cache reuses
+    # whole blocks only, so multi-turn episodes re-prefill less of each turn with 32
+    kv_block_size: int | None = None
     # CUDA, colocated vLLM: share of the GPU vLLM may hold, or "auto" (weights + one step's KV
     # cache, rollout/memory.py); sleep_level 1/2 frees it while the trainer runs (0 = never)
     gpu_memory_utilization: float | str = "auto"

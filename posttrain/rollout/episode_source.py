@@ -84,6 +84,7 @@ class EpisodeSource(RolloutSource):
         self.shards = shards
         self.limits = episode_limits(cfg)
         self.evals = 0
+        self.clock = {"env_s": 0.0}
 
     def _block(self, n: int) -> tuple[int, int]:
         """[start, stop) of the n tasks this rank plays."""
@@ -97,6 +98,8 @@ class EpisodeSource(RolloutSource):
         rewards raises on every rank.
         """
 
+        self.clock = {"env_s": 0.0}  # this call's environment wall time (rank-local)
+
         def run(engine: Any) -> tuple[list[Episode], list]:
             eps = run_episodes(
                 rows,
@@ -106,6 +109,7 @@ class EpisodeSource(RolloutSource):
                 sampling,
                 self.limits,
                 self.cfg.env.tool_parser,
+                self.clock,
             )
             return eps, self._rewards(rows, eps)
 
@@ -182,7 +186,7 @@ class EpisodeSource(RolloutSource):
             Sample(episode_rollout(ep, i // G), rew, rew is not None)
             for i, (ep, rew) in enumerate(zip(eps, rewards, strict=True))
         ]
-        played, env_s = len(eps), sum(ep.seconds for ep in eps)  # this rank's
+        played, env_s = len(eps), self.clock["env_s"]  # this rank's wall time
         eps, rewards, samples = self._gather(eps, rewards, samples, len(indices))
         success = [None if ep.solved is None else float(ep.solved) for ep in eps]
         self.stream.record(indices, success)

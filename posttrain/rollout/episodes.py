@@ -315,6 +315,7 @@ def run_episodes(
     sampling: SamplingConfig,
     limits: EpisodeLimits,
     parser: str = "hermes",
+    clock: dict[str, float] | None = None,
 ) -> list[Episode]:
     """Play one episode per row, all turn by turn together.
 
@@ -327,11 +328,15 @@ def run_episodes(
         sampling: temperature, top_p and the base seed (its `n` and `max_new_tokens` are replaced).
         limits: turns, episode tokens, tokens per turn.
         parser: the tool-call format (`posttrain.rollout.tool_calls`).
+        clock: if given, `clock["env_s"]` is increased by the wall time the environments took
+            (resets, then each turn's concurrent answers; `Episode.seconds` sums per episode).
 
     Returns:
         The episodes, in row order, each ended (`Episode.end` is one of END_REASONS).
     """
+    t0 = time.perf_counter()
     episodes = [_start(env_factory, row, tokenizer) for row in rows]
+    env_s = time.perf_counter() - t0
     for turn in range(limits.max_turns):
         active = [ep for ep in episodes if not ep.end]
         if not active:
@@ -341,11 +346,15 @@ def run_episodes(
         rollouts = engine.generate([ep.prompt_ids + ep.ids for ep in active], call)
         for ep, r in zip(active, rollouts, strict=True):
             _append_turn(ep, r)
+        t0 = time.perf_counter()
         answers = _answer_all(active, rollouts, parser, tokenizer, limits.step_timeout_s)
+        env_s += time.perf_counter() - t0
         for ep, r, result in zip(active, rollouts, answers, strict=True):
             _advance(ep, r, result, tokenizer, limits)
     for ep in episodes:
         ep.end = ep.end or "max_turns"
+    if clock is not None:
+        clock["env_s"] = clock.get("env_s", 0.0) + env_s
     return episodes
 
 

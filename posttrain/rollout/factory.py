@@ -54,6 +54,7 @@ def make_rollout_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
             "max_model_len": max_model_len(cfg),
             "seed": cfg.train.seed,
             "kv_cache_gib": r.kv_cache_gib,
+            **({"block_size": r.kv_block_size} if r.kv_block_size else {}),
             "gpu_memory_utilization": r.gpu_memory_utilization,
             "sleep_level": r.sleep_level,
             "max_concurrent_seqs": max(

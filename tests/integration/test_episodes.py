@@ -251,6 +251,9 @@ def test_observation_render_choices_are_the_rollout_layers():
     assert CHOICES["env.observation_render"] == OBSERVATION_RENDERS
     with pytest.raises(ConfigError, match=r"env\.observation_render: 'fixed' is not one of"):
         load_config(None, ["env.observation_render=fixed"])
+    with pytest.raises(ConfigError, match=r"rollout\.kv_block_size=20: use a multiple of 16"):
+        load_config(None, ["rollout.kv_block_size=20"])
+    assert load_config(None, ["rollout.kv_block_size=32"]).rollout.kv_block_size == 32
 
 
 class RaisingEnv:
@@ -319,6 +322,21 @@ def test_evaluation_reports_greedy_and_sampled_success(tok, tmp_path):
     assert out["eval/sampled_turns_mean"] == 2.0
 
 
+class SleepyEnv(RaisingEnv):
+    def step(self, turn: Turn) -> StepResult:
+        time.sleep(0.3)
+        return StepResult(done=True)
+
+
+def test_environment_time_is_wall_time_not_the_sum_over_concurrent_episodes(tok, tmp_path):
+    cfg = _cfg(tmp_path, "rollout.samples_per_prompt=8", "train.micro_batch_size_per_device=8")
+    source = EpisodeSource(cfg, tok, CalculatingEngine(tok), [ROW], [ROW], SleepyEnv)
+    _, m = source.collect_groups(0)
+    assert m["agent/env_seconds"] >= 8 * 0.3  # summed over the 8 episodes
+    assert 0.3 <= m["time/env_s"] < 8 * 0.3 / 2  # they answered concurrently
+    assert m["time/generate_s"] >= 0.0
+
+
 class UnscoredEnv(RaisingEnv):
     """Ends after one turn and leaves the scoring to the configured `rewards`."""
 
@@ -367,13 +385,22 @@ def test_episode_metrics_count_outcomes_and_observation_tokens(tok, tmp_path):
 
 
 @pytest.mark.slow
-def test_trainer_logprobs_of_a_vllm_multi_turn_episode_equal_vllms(tiny_model_dir, tok, tmp_path):
+@pytest.mark.parametrize("block", [None, 32])
+def test_trainer_logprobs_of_a_vllm_multi_turn_episode_equal_vllms(
+    tiny_model_dir, tok, tmp_path, block
+):
     """guess_number answers every turn, so a random model plays several turns; the trainer's
-    log-probs of the sampled tokens (after the observations) equal the engine's."""
+    log-probs of the sampled tokens (after the observations) equal the engine's, with vLLM's
+    prefix cache on (its default) and with 32-token KV blocks (`rollout.kv_block_size`)."""
     from posttrain.models.forward import policy_token_stats
     from posttrain.rollout import make_engine
 
-    engine = make_engine("vllm", str(tiny_model_dir), max_model_len=512, seed=0, kv_cache_gib=0.25)
+    kw = {} if block is None else {"block_size": block}
+    engine = make_engine(
+        "vllm", str(tiny_model_dir), max_model_len=512, seed=0, kv_cache_gib=0.25, **kw
+    )
+    cache = engine.llm.llm_engine.vllm_config.cache_config
+    assert cache.enable_prefix_caching and cache.block_size == (block or cache.block_size)
     cfg = _cfg(tmp_path, "env.name=guess_number")
     eps = run_episodes(
         _guess_rows(),
