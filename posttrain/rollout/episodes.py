@@ -117,6 +117,21 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _turn_renders(
+    tokenizer: Any,
+    history: list[dict[str, Any]],
+    assistant: dict[str, Any],
+    observations: list[dict[str, Any]],
+    tools: list | None,
+) -> tuple[str, str, str, bool]:
+    """The template's text before an assistant turn (with its header), with the turn closed, and
+    with the observations after it; and whether each is a prefix of the next."""
+    seen = render(tokenizer, history, tools, generation=True)
+    closed = render(tokenizer, [*history, assistant], tools, generation=False)
+    after = render(tokenizer, [*history, assistant, *observations], tools, generation=True)
+    return seen, closed, after, closed.startswith(seen) and after.startswith(closed)
+
+
 def observation_ids(
     tokenizer: Any,
     history: list[dict[str, Any]],
@@ -143,11 +158,8 @@ def observation_ids(
             saw, or rewrites the conversation when the observations are added.
     """
     assistant = {"role": "assistant", "content": text}
-    seen = render(tokenizer, history, tools, generation=True)
-    closed = render(tokenizer, [*history, assistant], tools, generation=False)
-    after = render(tokenizer, [*history, assistant, *observations], tools, generation=True)
+    seen, closed, after, ok = _turn_renders(tokenizer, history, assistant, observations, tools)
     sampled = tokenizer.decode(list(sampled_ids), skip_special_tokens=False)
-    ok = closed.startswith(seen) and after.startswith(closed)
     if not ok or not closed[len(seen) :].startswith(sampled):
         raise TemplateError(
             f"chat template is not prefix-preserving at assistant turn {turn}: rendering the "
@@ -183,14 +195,11 @@ def fixed_base_observation_ids(
         TemplateError: even the fixed base is rewritten when observations follow it, or the
             sampled turn's ending is not the template's end of an assistant turn.
     """
-    base = list(_BASE)
-    seen = render(tokenizer, base[:1], tools, generation=True)
-    closed = render(tokenizer, base, tools, generation=False)
-    after = render(tokenizer, [*base, *observations], tools, generation=True)
+    user, assistant = _BASE
+    seen, closed, after, ok = _turn_renders(tokenizer, [user], assistant, observations, tools)
     ending = tokenizer.decode(list(sampled_ids), skip_special_tokens=False)[len(text) :]
     tail = closed[len(seen) :]
-    ok = closed.startswith(seen) and after.startswith(closed) and tail.startswith(".")
-    if not ok or not tail[1:].startswith(ending):
+    if not ok or not tail.startswith(".") or not tail[1:].startswith(ending):
         raise TemplateError(
             f"env.observation_render=fixed_base: at assistant turn {turn} the chat template "
             "rewrites even a fixed one-turn conversation when observations follow it, or ends "

@@ -164,23 +164,31 @@ def test_sampled_ids_are_kept_where_decode_then_encode_would_change_them(tok, tm
     assert ep.mask[-len(final) :] == [1] * len(final)
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused(tok, tmp_path):
+# drops the content of every assistant turn but the last (even the fixed base's ".")
+CONTENT_DROPPING = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' }}"
+    "{%- if m['role'] != 'assistant' or loop.last %}{{- m['content'] }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("render", "message"),
+    [("full", "assistant turn 0"), ("fixed_base", "fixed_base: at assistant turn 0")],
+)
+def test_a_template_that_rewrites_earlier_turns_is_refused(tok, tmp_path, render, message):
     bad = load_tokenizer(tok.name_or_path)
-    bad.chat_template = (  # drops the content of every assistant turn but the last
-        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' }}"
-        "{%- if m['role'] != 'assistant' or loop.last %}{{- m['content'] }}{%- endif %}"
-        "{{- '<|im_end|>\\n' }}{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    )
+    bad.chat_template = CONTENT_DROPPING
     engine = ScriptedEngine(bad, [[_turn_ids(bad, MUL), _turn_ids(bad, "56088")]])
-    with pytest.raises(TemplateError, match="assistant turn 0"):
+    with pytest.raises(TemplateError, match=message):
         run_episodes(
             [ROW],
             environment_factory("calculator"),
             engine,
             bad,
             step_sampling(_cfg(tmp_path), 0),
-            EpisodeLimits(max_new_tokens=80),
+            EpisodeLimits(max_new_tokens=80, observation_render=render),
         )
 
 
@@ -222,26 +230,6 @@ def test_a_think_dropping_template_is_refused_then_played_with_the_fixed_base(to
     # what the model saw keeps the <think> block the full re-render would drop
     seen = qwen3ish.decode(ep.prompt_ids + ep.ids, skip_special_tokens=False)
     assert "<think>use the tool</think>" in seen
-
-
-def test_a_template_the_fixed_base_cannot_fix_is_refused(tok, tmp_path):
-    bad = load_tokenizer(tok.name_or_path)
-    bad.chat_template = (  # drops the content of every assistant turn but the last, even "."
-        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' }}"
-        "{%- if m['role'] != 'assistant' or loop.last %}{{- m['content'] }}{%- endif %}"
-        "{{- '<|im_end|>\\n' }}{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    )
-    engine = ScriptedEngine(bad, [[_turn_ids(bad, MUL), _turn_ids(bad, "56088")]])
-    with pytest.raises(TemplateError, match="fixed_base: at assistant turn 0"):
-        run_episodes(
-            [ROW],
-            environment_factory("calculator"),
-            engine,
-            bad,
-            step_sampling(_cfg(tmp_path), 0),
-            EpisodeLimits(max_new_tokens=80, observation_render="fixed_base"),
-        )
 
 
 def test_observation_render_choices_are_the_rollout_layers():
