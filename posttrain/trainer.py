@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from posttrain.algorithms import algorithm_spec, build_algorithm
-from posttrain.algorithms.base import StepBatch, model_inputs
+from posttrain.algorithms.base import PADDING_KEY, StepBatch, model_inputs, pad_counts
 from posttrain.config import Config, to_dict, warmup_config
 from posttrain.errors import ConfigError, RolloutError
 from posttrain.eval.evaluate import eval_settings
@@ -240,6 +240,7 @@ class Trainer:
             metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["lr"] = float(self.engine.get_lr()[0])
         metrics["time/train_s"] = t_train - t_batch
+        metrics.update(micro_batch_metrics(batch))
         metrics["time/step_s"] = t_end - t0
         if metrics.get("time/generate_s") and "tokens/generated" in metrics:
             metrics["throughput/generate_tokens_per_s"] = (
@@ -355,6 +356,23 @@ def batch_tokens(batch: StepBatch) -> float:
     """Non-pad tokens in a batch (all ranks), for tokens/s."""
     local = sum(float(mb["attention_mask"].sum()) for mb in batch.micro_batches)
     return dist.all_reduce_sum(local)
+
+
+def micro_batch_metrics(batch: StepBatch) -> dict[str, float]:
+    """`train/pad_fraction`: padded slots / all slots (rows x width) of the step's micro-batches
+    over all ranks (packed micro-batches hold none and are not counted),
+    `train/micro_batches`: this rank's micro-batches per update (every rank runs as many), and
+    `train/padding_micro_batches`: the zero-weight ones among them, summed over ranks."""
+    padded, slots = pad_counts(batch.micro_batches)
+    padded, slots = dist.all_reduce_sum(padded), dist.all_reduce_sum(slots)
+    padding = sum(PADDING_KEY in mb for mb in batch.micro_batches)
+    metrics = {
+        "train/micro_batches": float(len(batch.micro_batches)),
+        "train/padding_micro_batches": dist.all_reduce_sum(float(padding)),
+    }
+    if slots > 0:
+        metrics["train/pad_fraction"] = padded / slots
+    return metrics
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:

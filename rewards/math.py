@@ -3,6 +3,9 @@
 ``math_answer`` extracts the final answer from a completion (``\\boxed{}``, ``<answer>`` tags,
 ``#### x``, the last inline-math segment, the last number) and checks equivalence with the gold
 ``answer`` using math-verify (fractions, decimals, LaTeX, percentages, sets, intervals, ...).
+A gold ``answer`` that is a whole reference solution is cut to its final answer first
+(``reference_answer``): GSM8K's rationale ending in ``#### N`` gives ``N``, a MATH solution
+gives its last ``\\boxed{}``.
 
 ``exact_answer`` is the fast path for the built-in arithmetic task: the last integer of the
 completion equals the answer string (no sympy).
@@ -26,6 +29,7 @@ __all__ = [
     "is_equivalent",
     "last_integer",
     "math_answer",
+    "reference_answer",
 ]
 
 logger = logging.getLogger("posttrain.rewards")
@@ -93,6 +97,20 @@ def extract_answer(text: str) -> str | None:
     return _last_number(text)
 
 
+def reference_answer(gold: str) -> str:
+    """The final answer of a gold reference (stripped).
+
+    The text after the last ``####`` (GSM8K rationales), else the content of the last
+    ``\\boxed{}`` (MATH solutions), else ``gold`` itself.
+    """
+    gold = gold.strip()
+    if "####" in gold:
+        tail = gold.rsplit("####", 1)[1].strip()
+        return tail.splitlines()[0].strip() if tail else ""
+    boxed = extract_boxed(gold)
+    return boxed if boxed is not None else gold
+
+
 def last_integer(text: str) -> str | None:
     """The last number token of ``text`` (``-?digits`` with an optional decimal part), or None."""
     matches = _INT_RE.findall(text)
@@ -157,14 +175,15 @@ def math_answer(
     Args:
         prompts: [N] prompts (unused).
         completions: [N] completions.
-        answer: [N] gold answers (strings or numbers; LaTeX allowed).
+        answer: [N] gold answers (strings or numbers; LaTeX allowed), or reference solutions
+            ending in ``#### N`` or holding a ``\\boxed{}`` (see ``reference_answer``).
 
     Returns:
         [N] scores; ``None`` where the gold answer is empty or unparseable.
     """
     scores: list[float | None] = []
     for i, (completion, gold) in enumerate(zip(completions, answer, strict=True)):
-        gold_str = "" if gold is None else str(gold).strip()
+        gold_str = "" if gold is None else reference_answer(str(gold))
         if not gold_str:
             logger.warning("math_answer: sample %d has an empty gold answer", i)
             scores.append(None)

@@ -16,7 +16,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from posttrain.data.tensors import chunk_indices, token_budget_groups
+from posttrain.runtime import distributed as dist
+
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+# marks a zero-weight micro-batch that only keeps a rank's backward count equal to the others'
+PADDING_KEY = "padding_micro_batch"
 
 
 @dataclass
@@ -102,3 +107,85 @@ def trim_micro_batch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             out[k] = v
     return out
+
+
+def split_micro_batches(
+    t: dict[str, torch.Tensor], micro_batch_size: int, max_tokens: int | None
+) -> list[dict[str, torch.Tensor]]:
+    """A rank's step tensors as trimmed micro-batches: fixed row counts or a token budget.
+
+    Fixed (`max_tokens` None): consecutive chunks of `micro_batch_size` rows. Budget: rows
+    grouped by `data.tensors.token_budget_groups` so rows x longest row <= `max_tokens` (a longer
+    row alone); every rank then runs the largest count of any rank, the others padded with
+    zero-weight micro-batches (`empty_micro_batch`), because each backward is a gradient
+    reduction in DeepSpeed (gradient_accumulation_steps is 1) that every rank must join.
+    The loss denominators are global, so neither the grouping nor the row order changes the
+    step's gradient.
+
+    Args:
+        t: `input_ids`, `attention_mask` [N, L], per-target tensors [N, L-1], per-row [N].
+        micro_batch_size: rows per micro-batch without a budget.
+        max_tokens: `train.max_tokens_per_micro_batch`, or None.
+
+    Returns:
+        The micro-batches, each cut to its own longest row (`trim_micro_batch`).
+    """
+    n = t["input_ids"].shape[0]
+    if max_tokens is None:
+        groups = chunk_indices(n, micro_batch_size)
+    else:
+        groups = token_budget_groups(t["attention_mask"].sum(dim=1).tolist(), max_tokens)
+    micro = [trim_micro_batch({k: v[idx] for k, v in t.items()}) for idx in groups]
+    if max_tokens is not None:
+        n_micro = max_over_ranks(len(micro))
+        micro += [empty_micro_batch(micro[0]) for _ in range(n_micro - len(micro))]
+    return micro
+
+
+def empty_micro_batch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A zero-weight micro-batch shaped like `mb`: its first row cut to (at most) two tokens,
+    attended, with every non-model tensor zero (so `mask` 0: no loss, no metric, zero gradient),
+    marked by `PADDING_KEY` ([1] ones; the trainer counts these).
+
+    Args:
+        mb: a trimmed micro-batch (`input_ids`/`attention_mask` [b, W], per-target [b, W-1]).
+
+    Returns:
+        `input_ids`/`attention_mask` [1, w] (w = min(2, W)), per-target [1, w-1], per-row [1].
+    """
+    width = min(2, mb["input_ids"].shape[1])
+    out = {}
+    for k, v in mb.items():
+        if k == "attention_mask":
+            out[k] = torch.ones_like(v[:1, :width])
+        elif k in MODEL_INPUT_KEYS:
+            out[k] = v[:1, :width].clone()
+        else:
+            out[k] = torch.zeros_like(v[:1, : width - 1] if v.dim() == 2 else v[:1])
+    out[PADDING_KEY] = torch.ones(1)
+    return out
+
+
+def pad_counts(micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """(padded slots, total slots) of micro-batches with a 2-D `attention_mask` [b, W].
+
+    A micro-batch of b rows padded to W holds b x W slots, of which those with attention 0
+    are padding, and all of a zero-weight one (`PADDING_KEY`); packed micro-batches (a 4-D
+    block mask) have no padding rows and are skipped.
+    """
+    padded = slots = 0.0
+    for mb in micro_batches:
+        att = mb.get("attention_mask")
+        if att is not None and att.dim() == 2:
+            slots += float(att.numel())
+            padded += float(att.numel() if PADDING_KEY in mb else att.numel() - att.sum())
+    return padded, slots
+
+
+def max_over_ranks(n: int) -> int:
+    """The largest `n` over all ranks (`n` itself on one process)."""
+    if not torch.distributed.is_initialized() or dist.world_size() == 1:
+        return n
+    x = torch.tensor([n], dtype=torch.long, device=dist.device())
+    torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+    return int(x.item())

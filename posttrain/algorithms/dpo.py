@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from posttrain.data.splits import load_train_eval_rows
 from posttrain.data.stream import RowStream
 from posttrain.data.tensors import chunk_indices, shard_for_rank
 from posttrain.errors import ConfigError
+from posttrain.models.lean_logprobs import install_lean_forward, lean_forward, output_token_stats
 from posttrain.runtime import distributed as dist
 
 logger = logging.getLogger("posttrain")
@@ -134,9 +136,30 @@ def sequence_logps(
     Returns:
         (token log-probs [B, W - 1], zero off the mask; sequence sums [B]).
     """
-    logp = losses.token_logprobs(logits[:, :-1], input_ids[:, 1:])
-    logp = torch.where(mask.bool(), logp, torch.zeros((), dtype=logp.dtype))
+    return output_sequence_logps(SimpleNamespace(logits=logits), input_ids, mask)
+
+
+def output_sequence_logps(
+    outputs: Any, input_ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` of a forward output: chunked from `outputs.lean` when the forward was
+    lean (`lean_logprobs`), else from `outputs.logits` [B, W, V].
+
+    Returns:
+        (token log-probs [B, W - 1], zero off the mask; sequence sums [B]).
+    """
+    logp, _ = output_token_stats(outputs, input_ids)
+    logp = torch.where(mask.to(logp.device).bool(), logp, torch.zeros((), dtype=logp.dtype))
     return logp, logp.sum(-1)
+
+
+def _no_grad_sequence_logps(model: Any, t: dict[str, torch.Tensor], device: Any) -> torch.Tensor:
+    """[B] sequence log-probs of a pair batch `t` under `model` (lean when it has the hooks)."""
+    with torch.no_grad(), lean_forward(model):
+        out = model(
+            input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device)
+        )
+        return output_sequence_logps(out, t["input_ids"].to(device), t["mask"])[1].float().cpu()
 
 
 @torch.no_grad()
@@ -152,11 +175,7 @@ def pair_logps(
     out = []
     for idx in chunk_indices(len(pairs), pairs_per_forward):
         t = pair_batch([pairs[i] for i in idx], pad_id)
-        logits = model(
-            input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device)
-        ).logits
-        _, seq = sequence_logps(logits.float().cpu(), t["input_ids"], t["mask"])
-        out.append(seq.view(2, -1).T)
+        out.append(_no_grad_sequence_logps(model, t, device).view(2, -1).T)
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
@@ -309,7 +328,9 @@ class ReferenceLogps:
         path = cache_path(cfg)
 
         def model() -> Any:
-            return load_reference(ref_path, dtype=cfg.model.dtype).to(dist.device())
+            ref = load_reference(ref_path, dtype=cfg.model.dtype).to(dist.device())
+            install_lean_forward(ref, cfg.train.logprob_chunk_tokens)
+            return ref
 
         if path is None:
             ref = model()
@@ -335,14 +356,8 @@ class ReferenceLogps:
         """[m, 2] reference log-probs of the micro-batch `mb` (train pairs at `positions`)."""
         if self.train is not None:
             return self.train[positions]
-        with torch.no_grad():
-            device = next(self.model.parameters()).device
-            logits = self.model(
-                input_ids=mb["input_ids"].to(device),
-                attention_mask=mb["attention_mask"].to(device),
-            ).logits
-            _, seq = sequence_logps(logits.float().cpu(), mb["input_ids"], mb["mask"])
-        return seq.view(2, -1).T
+        device = next(self.model.parameters()).device
+        return _no_grad_sequence_logps(self.model, mb, device).view(2, -1).T
 
     def held_logps(self) -> torch.Tensor:
         """[M, 2] reference log-probs of the held-out pairs."""
@@ -350,12 +365,14 @@ class ReferenceLogps:
 
 
 def pair_losses(
-    logits: torch.Tensor, mb: dict[str, torch.Tensor], d: Any
+    outputs: Any, mb: dict[str, torch.Tensor], d: Any
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair DPO-family loss [m] and metric tensors of one concatenated micro-batch.
 
     Args:
-        logits: [2m, W, V] policy logits; rows 0..m-1 chosen, m..2m-1 rejected.
+        outputs: the policy's forward output over 2m rows (rows 0..m-1 chosen, m..2m-1
+            rejected): `lean` (chunked log-probs) or `logits` [2m, W, V]; a bare logits tensor
+            is taken as `logits`.
         mb: `input_ids` [2m, W], `mask` [2m, W-1], `ref_logps` [2m] (absent for simpo).
         d: the `dpo` config section (loss kind, beta, label_smoothing, simpo_gamma, nll_coef).
 
@@ -363,8 +380,12 @@ def pair_losses(
         (loss [m], metrics: the `losses.preference_loss` ones plus logps_chosen /
         logps_rejected [m] and, with nll_coef, nll [m]).
     """
-    mb = {k: v.to(logits.device) for k, v in mb.items() if isinstance(v, torch.Tensor)}
-    logp, seq = sequence_logps(logits, mb["input_ids"], mb["mask"])
+    if isinstance(outputs, torch.Tensor):
+        outputs = SimpleNamespace(logits=outputs)
+    lean = getattr(outputs, "lean", None)
+    device = (lean.hidden if lean is not None else outputs.logits).device
+    mb = {k: v.to(device) for k, v in mb.items() if isinstance(v, torch.Tensor)}
+    logp, seq = output_sequence_logps(outputs, mb["input_ids"], mb["mask"])
     m = seq.shape[0] // 2
     n_tok = mb["mask"].sum(-1)
     ref = mb.get("ref_logps")
@@ -444,16 +465,16 @@ class DPO:
 
     # ---------------------------------------------------------------- loss
     def pair_losses(
-        self, logits: torch.Tensor, mb: dict[str, torch.Tensor]
+        self, outputs: Any, mb: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-pair loss [m] and per-pair metric tensors of one micro-batch."""
-        return pair_losses(logits, mb, self.cfg.dpo)
+        """Per-pair loss [m] and per-pair metric tensors of one micro-batch's forward output."""
+        return pair_losses(outputs, mb, self.cfg.dpo)
 
     def loss(
         self, outputs: Any, mb: dict[str, torch.Tensor], batch: StepBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Share of the step's mean pair loss, and metric shares."""
-        loss, met = self.pair_losses(outputs.logits, mb)
+        loss, met = self.pair_losses(outputs, mb)
         n = batch.denominator
         shares = {
             "rewards/chosen": float(met["rewards_chosen"].sum()) / n,
@@ -492,10 +513,11 @@ class DPO:
                 if held_ref is not None:
                     r = held_ref[idx]
                     mb["ref_logps"] = torch.cat([r[:, 0], r[:, 1]])
-                logits = self.engine(
-                    input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]
-                ).logits
-                pair_loss, met = self.pair_losses(logits.float(), mb)
+                with lean_forward(self.engine):
+                    out = self.engine(
+                        input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]
+                    )
+                pair_loss, met = self.pair_losses(out, mb)
                 score = met["logps_chosen"], met["logps_rejected"]
                 if self.cfg.dpo.loss in LENGTH_NORMALISED:
                     n_tok = mb["mask"].sum(-1)
@@ -533,4 +555,5 @@ def build_dpo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> DPO:
     ref = None
     if d.loss != "simpo":
         ref = ReferenceLogps.create(cfg, cfg.model.ref_path or model_path, train, held, tokenizer)
+    install_lean_forward(engine, cfg.train.logprob_chunk_tokens)
     return DPO(cfg, tokenizer, train, held, engine, ref, dropped)

@@ -16,8 +16,7 @@ import torch
 from posttrain import advantages as adv_fn
 from posttrain import losses
 from posttrain import turn_credit as turn_fn
-from posttrain.algorithms.base import StepBatch
-from posttrain.algorithms.base import trim_micro_batch as _trim
+from posttrain.algorithms.base import StepBatch, split_micro_batches
 from posttrain.algorithms.online import (
     OnlineAlgorithm,
     by_length,
@@ -28,8 +27,9 @@ from posttrain.algorithms.online import (
     turn_tensors,
 )
 from posttrain.config import Config
-from posttrain.data.tensors import chunk_indices, pad_right, shard_for_rank
+from posttrain.data.tensors import pad_right, shard_for_rank
 from posttrain.models.forward import policy_token_stats
+from posttrain.models.lean_logprobs import install_lean_forward, output_token_stats
 from posttrain.rollout.factory import make_rollout_source
 from posttrain.rollout.source import Sample, SampleSource
 from posttrain.runtime import distributed as dist
@@ -98,8 +98,7 @@ class GRPO(OnlineAlgorithm):
                 t["adv"], t["entropy_old"], t["mask"], cfg.advantage.entropy_modulation
             )
         size = cfg.train.micro_batch_size_per_device
-        micro = [{k: v[idx] for k, v in t.items()} for idx in chunk_indices(len(seqs), size)]
-        micro = [_trim(mb) for mb in micro]
+        micro = split_micro_batches(t, size, cfg.train.max_tokens_per_micro_batch)
         metrics["advantage/abs_mean"] = float(seq_adv[valid].abs().mean()) if valid.any() else 0.0
         return StepBatch(
             micro,
@@ -147,13 +146,13 @@ class GRPO(OnlineAlgorithm):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """This micro-batch's share of the step loss and metrics."""
         return clipped_policy_loss(
-            self.cfg, outputs.logits, mb, batch.denominator, batch.token_total, self.cfg.kl.coef
+            self.cfg, outputs, mb, batch.denominator, batch.token_total, self.cfg.kl.coef
         )
 
 
 def clipped_policy_loss(
     cfg: Config,
-    logits: torch.Tensor,
+    outputs: Any,
     mb: dict[str, torch.Tensor],
     denominator: float,
     token_total: float,
@@ -166,7 +165,8 @@ def clipped_policy_loss(
 
     Args:
         cfg: run config (`loss`, `kl.estimator`, `rollout.temperature`, `max_new_tokens`).
-        logits: [b, L, V] model logits of the micro-batch.
+        outputs: the micro-batch's forward output: `lean` (hidden state + head, chunked
+            log-probs, `train.logprob_chunk_tokens`) or `logits` [b, L, V].
         mb: `input_ids` [b, L]; `mask`, `adv`, `logp_roll` [b, L-1]; optional `logp_old` (else
             the detached current log-probs) and `logp_ref` (needed when kl_coef > 0).
         denominator: the step's global aggregation denominator.
@@ -177,8 +177,10 @@ def clipped_policy_loss(
         (loss share, metric shares).
     """
     lc = cfg.loss
-    logits = logits[:, :-1]
-    logp = losses.token_logprobs(logits, mb["input_ids"][:, 1:], cfg.rollout.temperature)
+    ent_mode = "grad" if lc.entropy_coef else "metric"  # metric: no graph through it
+    logp, entropy = output_token_stats(
+        outputs, mb["input_ids"], cfg.rollout.temperature, entropy=ent_mode
+    )
     mask = mb["mask"]
     logp_old = mb["logp_old"] if "logp_old" in mb else logp.detach()
     loss_tok, stats = losses.policy_loss(
@@ -203,12 +205,9 @@ def clipped_policy_loss(
         kl = losses.kl_estimate(logp, mb["logp_ref"], cfg.kl.estimator)
         loss_tok = loss_tok + kl_coef * kl
         shares["kl"] = float((kl.detach() * mask).sum()) / n_tok
+    assert entropy is not None
     if lc.entropy_coef:
-        entropy = losses.token_entropy(logits, cfg.rollout.temperature)
         loss_tok = loss_tok - lc.entropy_coef * entropy
-    else:  # metric only: no graph through the [b, T, V] entropy
-        with torch.no_grad():
-            entropy = losses.token_entropy(logits.detach(), cfg.rollout.temperature)
     shares["entropy"] = float((entropy.detach() * mask).sum()) / n_tok
     shares["clip_frac"] = float((stats["clipped"].float() * mask).sum()) / n_tok
     loss = losses.aggregate(loss_tok, mask, lc.aggregation, d, cfg.rollout.max_new_tokens)
@@ -222,4 +221,6 @@ def build_grpo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> GRP
     """GRPO over a rollout source, with a frozen reference when `kl.coef > 0`."""
     source = make_rollout_source(cfg, model_path, tokenizer)
     ref = frozen_reference(cfg, model_path) if cfg.kl.coef > 0 else None
+    install_lean_forward(engine, cfg.train.logprob_chunk_tokens)
+    install_lean_forward(ref, cfg.train.logprob_chunk_tokens)
     return GRPO(cfg, source, ref)

@@ -32,6 +32,7 @@ from posttrain.algorithms.online import OnlineAlgorithm, frozen_reference
 from posttrain.config import Config
 from posttrain.data.preference import EncodedPair, pair_batch
 from posttrain.data.tensors import chunk_indices, shard_for_rank
+from posttrain.models.lean_logprobs import install_lean_forward
 from posttrain.rollout.factory import make_rollout_source
 from posttrain.rollout.source import Sample, SampleSource
 from posttrain.runtime import distributed as dist
@@ -130,7 +131,7 @@ class OnlineDPO(OnlineAlgorithm):
         self, outputs: Any, mb: dict[str, torch.Tensor], batch: StepBatch
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Sum of this micro-batch's pair losses / pairs of the whole step, and metric shares."""
-        loss, met = dpo_pair_losses(outputs.logits, mb, self.cfg.dpo)
+        loss, met = dpo_pair_losses(outputs, mb, self.cfg.dpo)
         w = mb["pair_weight"].to(loss.device)
         n = batch.denominator
 
@@ -152,4 +153,6 @@ def build_online_dpo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) 
     """Rollout source, frozen reference (the starting policy) and the OnlineDPO object."""
     source = make_rollout_source(cfg, model_path, tokenizer)
     ref = frozen_reference(cfg, model_path) if cfg.dpo.loss != "simpo" else None
+    install_lean_forward(engine, cfg.train.logprob_chunk_tokens)
+    install_lean_forward(ref, cfg.train.logprob_chunk_tokens)
     return OnlineDPO(cfg, source, ref)

@@ -23,13 +23,14 @@ import torch
 
 from posttrain import advantages as adv_fn
 from posttrain import losses
-from posttrain.algorithms.base import StepBatch, trim_micro_batch
+from posttrain.algorithms.base import StepBatch, split_micro_batches
 from posttrain.algorithms.grpo import clipped_policy_loss
 from posttrain.algorithms.online import OnlineAlgorithm, frozen_reference, sequences_to_tensors
 from posttrain.config import Config
 from posttrain.data.tensors import chunk_indices, shard_for_rank
 from posttrain.errors import ConfigError
 from posttrain.models.actor_critic import ActorCritic
+from posttrain.models.lean_logprobs import install_lean_forward, lean_forward, output_token_stats
 from posttrain.rollout.factory import make_rollout_source
 from posttrain.rollout.source import SampleSource
 from posttrain.runtime import distributed as dist
@@ -95,15 +96,14 @@ def actor_critic_token_stats(
     for idx in chunk_indices(t["input_ids"].shape[0], micro_size):
         ids, att = t["input_ids"][idx].to(device), t["attention_mask"][idx].to(device)
         out = model(input_ids=ids, attention_mask=att)
-        logits = out.logits[:, :-1]
-        cols["logp_old"].append(losses.token_logprobs(logits, ids[:, 1:], temperature).cpu())
-        cols["entropy_old"].append(losses.token_entropy(logits, temperature).cpu())
+        logp, entropy = output_token_stats(out, ids, temperature, entropy="metric")
+        cols["logp_old"].append(logp.cpu())
+        cols["entropy_old"].append(entropy.cpu())
         cols["values_old"].append(out.values[:, :-1].float().cpu())
         if ref is not None:
-            ref_logits = ref(input_ids=ids, attention_mask=att).logits[:, :-1]
-            cols["logp_ref"].append(
-                losses.token_logprobs(ref_logits, ids[:, 1:], temperature).cpu()
-            )
+            with lean_forward(ref):
+                ref_out = ref(input_ids=ids, attention_mask=att)
+            cols["logp_ref"].append(output_token_stats(ref_out, ids, temperature)[0].cpu())
     return {k: torch.cat(v) for k, v in cols.items()}
 
 
@@ -145,9 +145,9 @@ class PPO(OnlineAlgorithm):
         critic_only = step < cfg.ppo.critic_warmup_steps
         module.critic_only = critic_only
         metrics["ppo/critic_only"] = float(critic_only)
-        micro = [{k: v[idx] for k, v in t.items()} for idx in chunk_indices(len(seqs), size)]
+        micro = split_micro_batches(t, size, cfg.train.max_tokens_per_micro_batch)
         return StepBatch(
-            [trim_micro_batch(mb) for mb in micro],
+            micro,
             metrics,
             cfg.train.updates_per_batch,
             denominator=max(dist.all_reduce_sum(denom_local), 1.0),
@@ -211,7 +211,7 @@ class PPO(OnlineAlgorithm):
             return p.vf_coef * v_loss, shares
         kl_coef = 0.0 if cfg.kl.in_reward else cfg.kl.coef
         pg_loss, pg_shares = clipped_policy_loss(
-            cfg, outputs.logits, mb, batch.denominator, batch.token_total, kl_coef
+            cfg, outputs, mb, batch.denominator, batch.token_total, kl_coef
         )
         shares.update(pg_shares)
         shares["policy/loss"] = float(pg_loss.detach())
@@ -247,4 +247,6 @@ def build_ppo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> PPO:
     _actor_critic(engine)
     source = make_rollout_source(cfg, model_path, tokenizer)
     ref = frozen_reference(cfg, model_path) if cfg.kl.coef > 0 else None
+    install_lean_forward(engine, cfg.train.logprob_chunk_tokens)
+    install_lean_forward(ref, cfg.train.logprob_chunk_tokens)
     return PPO(cfg, source, ref)

@@ -25,6 +25,7 @@ from posttrain.algorithms.online import OnlineAlgorithm, sequences_to_tensors
 from posttrain.config import Config
 from posttrain.data.tensors import chunk_indices, shard_for_rank
 from posttrain.models.forward import policy_token_stats
+from posttrain.models.lean_logprobs import install_lean_forward, output_token_stats
 from posttrain.rollout.factory import make_rollout_source
 from posttrain.rollout.source import Sample, SampleSource
 from posttrain.runtime import distributed as dist
@@ -76,15 +77,15 @@ class Rebel(OnlineAlgorithm):
         """This micro-batch's share: sum of its pairs' REBEL losses / pairs of the whole step.
 
         Args:
-            outputs: the model's forward output; `logits` [b, W, V].
+            outputs: the model's forward output: `lean` (chunked log-probs) or `logits`
+                [b, W, V].
             mb: `input_ids` [b, W], `mask`/`logp_roll` (and `logp_old`) [b, W-1], `reward` and
                 `valid` [b]; b is a multiple of `samples_per_prompt` (whole groups).
             batch: the step's batch (`denominator` = valid pairs, `token_total`, all ranks).
         """
         cfg = self.cfg
         temp = cfg.rollout.temperature
-        logits = outputs.logits[:, :-1]
-        logp = losses.token_logprobs(logits, mb["input_ids"][:, 1:].to(logits.device), temp)
+        logp, entropy = output_token_stats(outputs, mb["input_ids"], temp, entropy="metric")
         mask = mb["mask"].to(logp.device)
         logp_old = mb["logp_old"].to(logp.device) if "logp_old" in mb else logp.detach()
         G, eta = cfg.rollout.samples_per_prompt, cfg.rebel.eta
@@ -94,7 +95,6 @@ class Rebel(OnlineAlgorithm):
         num_pairs, n_tok = batch.denominator, batch.token_total
         loss = per_pair.sum() / num_pairs
         with torch.no_grad():
-            entropy = losses.token_entropy(logits.detach(), temp)
             mismatch = (logp_old - mb["logp_roll"].to(logp.device)).abs() * mask
         shares = {
             "entropy": float((entropy * mask).sum()) / n_tok,
@@ -158,4 +158,5 @@ def rebel_micro_batch_loss(
 
 def build_rebel(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Rebel:
     """REBEL over a rollout source."""
+    install_lean_forward(engine, cfg.train.logprob_chunk_tokens)
     return Rebel(cfg, make_rollout_source(cfg, model_path, tokenizer))

@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-from posttrain import losses
-from posttrain.algorithms.base import StepBatch
+from posttrain.algorithms.base import StepBatch, split_micro_batches
 from posttrain.config import Config
 from posttrain.data.arithmetic import sft_completion
 from posttrain.data.chat import encode_sft
@@ -24,9 +23,10 @@ from posttrain.data.packing import (
 )
 from posttrain.data.splits import load_train_eval_rows
 from posttrain.data.stream import RowStream
-from posttrain.data.tensors import chunk_indices, pad_right, shard_for_rank
+from posttrain.data.tensors import pad_right, shard_for_rank
 from posttrain.envs.runs import transcript_rows
 from posttrain.errors import ConfigError
+from posttrain.models.lean_logprobs import install_lean_forward, output_token_stats
 from posttrain.runtime import distributed as dist
 
 
@@ -93,16 +93,9 @@ class SFT:
         attention = pad_right([[1] * len(x) for x in ids], 0, torch.long)
         mask = pad_right(masks, 0, torch.float)[:, : input_ids.shape[1] - 1]
         tokens = max(dist.all_reduce_sum(float(mask.sum())), 1.0)
-        micro = []
-        for idx in chunk_indices(len(ids), cfg.train.micro_batch_size_per_device):
-            width = int(attention[idx].sum(dim=1).max())
-            micro.append(
-                {
-                    "input_ids": input_ids[idx, :width],
-                    "attention_mask": attention[idx, :width],
-                    "mask": mask[idx, : width - 1],
-                }
-            )
+        t = {"input_ids": input_ids, "attention_mask": attention, "mask": mask}
+        size = cfg.train.micro_batch_size_per_device
+        micro = split_micro_batches(t, size, cfg.train.max_tokens_per_micro_batch)
         return StepBatch(micro, {"tokens/trained": tokens}, denominator=tokens, token_total=tokens)
 
     def _packed_batch(self, ids: list[list[int]], masks: list[list[float]]) -> StepBatch:
@@ -130,8 +123,8 @@ class SFT:
         self, outputs: Any, mb: dict[str, torch.Tensor], batch: StepBatch
     ) -> tuple[torch.Tensor, dict]:
         """Share of the token-mean negative log-likelihood (over the step's trained tokens)."""
-        logp = losses.token_logprobs(outputs.logits[:, :-1], mb["input_ids"][:, 1:], 1.0)
-        nll = -(logp * mb["mask"]).sum() / batch.denominator
+        logp, _ = output_token_stats(outputs, mb["input_ids"], 1.0)  # lean or full logits
+        nll = -(logp * mb["mask"].to(logp.device)).sum() / batch.denominator
         return nll, {}
 
     def after_step(self, model: torch.nn.Module, step: int) -> dict[str, float]:
@@ -162,6 +155,7 @@ def _max_over_ranks(n: int) -> int:
 
 def build_sft(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> SFT:
     """SFT on the run's training rows (an environment's: its synthetic transcripts)."""
+    install_lean_forward(engine, cfg.train.logprob_chunk_tokens)
     if cfg.env.name is not None:
         return SFT(cfg, tokenizer, transcript_rows(cfg))
     train, _ = load_train_eval_rows(cfg)

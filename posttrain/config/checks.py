@@ -7,6 +7,7 @@ would be valid.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 from posttrain.config.schema import CHOICES, Config
@@ -65,6 +66,11 @@ def validate(cfg: Config) -> None:
     _validate_rollout_memory(cfg)
     _check(r.temperature > 0, "rollout.temperature must be > 0 (use eval for greedy decoding)")
     _check(0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]")
+    w = cfg.warmup
+    _check(
+        w.train_size is None or w.train_size >= 1,
+        f"warmup.train_size={w.train_size} must be >= 1 (rows), or null (all of data.train_size)",
+    )
     _validate_train(cfg)
     _check(cfg.loss.clip_low >= 0 and cfg.loss.clip_high >= 0, "loss.clip_low/clip_high >= 0")
     _check(cfg.loss.clip_low < 1, "loss.clip_low must be < 1")
@@ -84,6 +90,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.k >= 1, "eval.k must be >= 1")
     _check(0 < cfg.eval.top_p <= 1, "eval.top_p must be in (0, 1]")
     _validate_stages_resampling(cfg)
+    _validate_data_format(cfg)
     _validate_sft_dpo_rm(cfg)
     _validate_ppo(cfg)
     _validate_research_methods(cfg)
@@ -104,6 +111,10 @@ def _validate_train(cfg: Config) -> None:
     _check(t.steps >= 0, "train.steps must be >= 0")
     _check(t.micro_batch_size_per_device >= 1, "train.micro_batch_size_per_device must be >= 1")
     _check(t.updates_per_batch >= 1, "train.updates_per_batch must be >= 1")
+    _check(
+        t.logprob_chunk_tokens >= 0,
+        f"train.logprob_chunk_tokens={t.logprob_chunk_tokens} must be >= 0 (0 = full logits)",
+    )
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
     _check(t.dist_timeout_s > 0, "train.dist_timeout_s must be > 0 (seconds)")
     _check(t.save_every >= 0, "train.save_every must be >= 0 (steps; 0 = only the final)")
@@ -116,6 +127,35 @@ def _validate_train(cfg: Config) -> None:
     _check(
         not t.offload_params or t.zero_stage == 3,
         f"train.offload_params needs train.zero_stage=3 (got {t.zero_stage})",
+    )
+    _validate_token_budget(cfg)
+
+
+# algorithms whose micro-batches are independent rows (posttrain/algorithms/base.py
+# split_micro_batches); DPO/online DPO/REBEL/reward_model keep pairs or groups together
+TOKEN_BUDGET_ALGORITHMS = ("grpo", "ppo", "sft")
+
+
+def _validate_token_budget(cfg: Config) -> None:
+    """`train.max_tokens_per_micro_batch`: >= 1, on an algorithm that packs by tokens."""
+    budget, algo = cfg.train.max_tokens_per_micro_batch, cfg.train.algorithm
+    if budget is None:
+        return
+    _check(
+        budget >= 1,
+        f"train.max_tokens_per_micro_batch={budget} must be >= 1 (tokens), or null",
+    )
+    _check(
+        algo in TOKEN_BUDGET_ALGORITHMS,
+        f"train.max_tokens_per_micro_batch is supported for train.algorithm "
+        f"{', '.join(TOKEN_BUDGET_ALGORITHMS)}, not {algo}: set it to null "
+        "(micro-batches of train.micro_batch_size_per_device)",
+    )
+    sft_runs = algo == "sft" or cfg.warmup.steps > 0  # the SFT warm-up inherits `train`
+    _check(
+        not (sft_runs and cfg.sft.packing),
+        "train.max_tokens_per_micro_batch does not apply to SFT with sft.packing=true (rows "
+        "are packed to sft.max_length tokens): set one of them off",
     )
 
 
@@ -225,6 +265,54 @@ def _validate_ppo(cfg: Config) -> None:
         _check(kl.in_reward, "kl.target (adaptive KL controller) needs kl.in_reward=true")
         _check(kl.target > 0 and kl.coef > 0, "kl.target and kl.coef must be > 0 (adaptive KL)")
     _check(kl.horizon >= 1, "kl.horizon must be >= 1")
+
+
+# `data.columns` keys: the row keys the framework and the built-in rewards read (data/formats.py)
+DATA_COLUMN_ROLES = (
+    "prompt",
+    "completion",
+    "chosen",
+    "rejected",
+    "answer",
+    "tests",
+    "entry_point",
+    "test_imports",
+    "instructions",
+    "rubric",
+    "schema",
+    "pattern",
+)
+# a `data.prompt_template` placeholder: `{column}`; `{{`/`}}` are literal braces, other braces
+# (`\boxed{}`) stay as written
+TEMPLATE_FIELD = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _validate_data_format(cfg: Config) -> None:
+    """`data.columns` ({role: column}) and `data.prompt_template`."""
+    d = cfg.data
+    for role, column in d.columns.items():
+        _check(
+            role in DATA_COLUMN_ROLES,
+            f"data.columns: unknown role {role!r}"
+            f"{did_you_mean(str(role), list(DATA_COLUMN_ROLES))}",
+        )
+        _check(
+            isinstance(column, str) and bool(column.strip()),
+            f"data.columns.{role}: {column!r} is not a column name (use a non-empty string)",
+        )
+        own = getattr(d, f"{role}_column", role)
+        _check(
+            own == role,
+            f"data.columns.{role} and data.{role}_column={own!r} both name the {role} column; "
+            f"use one (data.columns.{role} writes the row key {role!r})",
+        )
+    if d.prompt_template is not None:
+        fields = [m.group(1) for m in TEMPLATE_FIELD.finditer(d.prompt_template) if m.group(1)]
+        _check(
+            bool(fields),
+            f"data.prompt_template={d.prompt_template!r} has no {{column}} placeholder (e.g. "
+            "'{question}'); every prompt would be the same text",
+        )
 
 
 def _validate_sft_dpo_rm(cfg: Config) -> None:

@@ -176,6 +176,8 @@ def warmup_config(cfg: Config, model_path: str, output_dir: str) -> Config:
     """
     w = cfg.warmup
     data = {name: to_dict(getattr(cfg, name)) for name in WARMUP_INHERITS}
+    if w.train_size is not None:
+        data["data"]["train_size"] = w.train_size
     changes = {
         "model": {"path": model_path},
         "train": {

@@ -84,6 +84,11 @@ class DataConfig:
     eval_source: str | None = None
     eval_size: int = 200
     system_prompt: str | None = None
+    # a dataset in its own column names: {role: column}, e.g. {prompt: question, answer: answer}
+    # renames columns on load; prompt_template ("{question}\nPut the final answer in \\boxed{}.")
+    # formats the prompt from the row's columns (after the rename)
+    columns: dict = field(default_factory=dict)
+    prompt_template: str | None = None
     max_prompt_tokens: int = 128
     seed: int = 0
     stages: tuple[StageConfig, ...] = ()
@@ -213,6 +218,12 @@ class TrainConfig:
     algorithm: str = "grpo"
     steps: int = 100
     micro_batch_size_per_device: int = 8
+    # token budget per micro-batch (rows packed until their padded length would exceed it;
+    # None: fixed micro_batch_size_per_device rows). Loss denominators stay global
+    max_tokens_per_micro_batch: int | None = None
+    # token log-probs / entropy computed from the last hidden state in chunks of this many
+    # tokens, recomputed in backward, so no [tokens, vocab] tensor outlives its chunk (0: off)
+    logprob_chunk_tokens: int = 1024
     updates_per_batch: int = 1
     zero_stage: int = 0
     seed: int = 0
@@ -320,6 +331,9 @@ class WarmupConfig:
     lr: float = 1e-3
     batch_size: int = 32
     warmup_steps: int = 10
+    # the warm-up's share of the task: the first `train_size` training rows (None: all of
+    # data.train_size). Less than the RL run trains on leaves it something to learn
+    train_size: int | None = None
 
 
 @dataclass(frozen=True)

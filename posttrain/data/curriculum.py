@@ -13,6 +13,7 @@ from typing import Any
 
 from posttrain.data.loading import ARITHMETIC, load_rows
 from posttrain.data.pool import PromptPool, group_all_correct
+from posttrain.data.splits import format_kwargs
 from posttrain.errors import ConfigError
 
 
@@ -51,11 +52,11 @@ def load_stage_rows(cfg: Any) -> list[list[dict]]:
         try:
             rows = load_rows(
                 st.source,
-                prompt_column=d.prompt_column,
                 split="train",
                 n=st.train_size if st.train_size is not None else d.train_size,
                 seed=d.seed,
                 task_kwargs=st.task if st.source == ARITHMETIC else None,
+                **format_kwargs(cfg),
             )
         except ConfigError as err:
             raise ConfigError(f"data.stages[{i}]: {err}") from None

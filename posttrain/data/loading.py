@@ -1,7 +1,9 @@
 """Load prompt rows from the built-in task, a local json/jsonl/parquet file, or a `datasets` name.
 
 Every column is kept, so the extra ones (``answer``, ``tests``, ``rubric``...) reach reward
-functions.
+functions. A dataset in its own column names is mapped on load (`data.columns`,
+`data.prompt_template`: see data/formats.py). A hub name may carry its config after a colon
+(``openai/gsm8k:main`` is ``datasets.load_dataset("openai/gsm8k", "main")``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.data import arithmetic
+from posttrain.data.formats import apply_format
 from posttrain.errors import ConfigError
 
 ARITHMETIC = "arithmetic"
@@ -40,14 +43,23 @@ def _load_local(path: Path, builder: str, data_files_split: str) -> list[dict]:
     return ds.to_list()
 
 
-def _load_named(name: str, split: str) -> list[dict]:
+def split_config(source: str) -> tuple[str, str | None]:
+    """(dataset name, config name or None) of ``name:config`` (a hub name has no colon)."""
+    name, sep, config = source.partition(":")
+    if not sep or Path(source).exists() or "/" in config or not (name and config):
+        return source, None
+    return name, config
+
+
+def _load_named(source: str, split: str) -> list[dict]:
     import datasets
 
+    name, config = split_config(source)
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, config, split=split)
     except (FileNotFoundError, ConnectionError, ValueError) as e:
         raise ConfigError(
-            f"dataset {name!r} (split {split!r}) could not be loaded: it is not 'arithmetic', "
+            f"dataset {source!r} (split {split!r}) could not be loaded: it is not 'arithmetic', "
             f"not a local .json/.jsonl/.parquet file, and `datasets` said: {e}"
         ) from e
     return ds.to_list()
@@ -98,6 +110,10 @@ def load_rows(
     seed: int = 0,
     data_files_split: str = "train",
     task_kwargs: dict[str, Any] | None = None,
+    columns: dict[str, str] | None = None,
+    prompt_template: str | None = None,
+    chosen_column: str = "chosen",
+    rejected_column: str = "rejected",
 ) -> list[dict]:
     """Load rows as a list of dicts, all columns kept.
 
@@ -115,20 +131,33 @@ def load_rows(
         data_files_split: the split name under which a local file is registered with `datasets`.
         task_kwargs: extra keyword arguments for ``arithmetic.make_split`` (e.g. ``max_operand``,
             ``ops``).
+        columns: ``{role: column}`` copied to the role's key on load (`data.columns`).
+        prompt_template: formatted from each row into ``prompt_column`` (`data.prompt_template`).
+        chosen_column, rejected_column: preference columns; rows without ``prompt_column``
+            whose two are message lists get their shared messages as the prompt.
 
     Returns:
         The rows.
 
     Raises:
         ConfigError: missing file, missing prompt column (lists the available columns), empty
-            prompts (lists their row indices), ``n`` larger than the data.
+            prompts (lists their row indices), ``n`` larger than the data, a mapped column or
+            template placeholder the data lacks.
     """
+    fmt = {
+        "columns": columns,
+        "prompt_template": prompt_template,
+        "prompt_column": prompt_column,
+        "chosen_column": chosen_column,
+        "rejected_column": rejected_column,
+    }
     if n is not None and (not isinstance(n, int) or n < 0):
         raise ConfigError(f"n={n!r} is not valid; use an integer >= 0 or None for all rows")
     if source == ARITHMETIC:
         if n is None:
             raise ConfigError("n is required for source 'arithmetic' (number of rows to generate)")
         rows = arithmetic.make_split(split, n, seed, **(task_kwargs or {}))
+        rows = apply_format(rows, source=source, **fmt)
         check_prompts(rows, prompt_column, source)
         return rows
     if task_kwargs:
@@ -138,6 +167,7 @@ def load_rows(
         rows = _load_local(Path(source).expanduser(), builder, data_files_split)
     else:
         rows = _load_named(source, split)
+    rows = apply_format(rows, source=source, **fmt)
     check_prompts(rows, prompt_column, source)
     if n is None:
         return rows

@@ -7,11 +7,13 @@ A row holds a prompt and two completions, each a string or a chat message list:
      "chosen": [{"role": "assistant", "content": "hello"}], "rejected": [...]}
     {"chosen": [user msg, assistant msg], "rejected": [user msg, other assistant msg]}
 
-In the last form the prompt is the messages the two lists share (an "implicit prompt"; set
-`data.prompt_column` to the chosen column for such files). After the prompt, each completion must
-be exactly one assistant message. Tokenization matches SFT and the
-rollout engine: the chat-templated prompt (with the generation header), then the completion tokens
-and the EOS token; the response mask is 1 on the completion tokens and the EOS.
+In the last form the prompt is the messages the two lists share (an "implicit prompt"; the
+loader fills it in as the prompt column when the rows have none, data/formats.py; pointing
+`data.prompt_column` at the chosen column works too). After the prompt, each completion must be
+exactly one assistant message (Anthropic HH / UltraFeedback-binarized rows load as they come).
+Tokenization matches SFT and the rollout engine: the chat-templated prompt (with the generation
+header), then the completion tokens and the EOS token; the response mask is 1 on the completion
+tokens and the EOS.
 
 Bad rows (no `rejected`, chosen == rejected, an empty completion, longer than `max_length`...) are
 listed with their row index and either dropped (and counted) or raised as a ConfigError.
@@ -29,6 +31,7 @@ import torch
 
 from posttrain.data.arithmetic import wrong_answer
 from posttrain.data.chat import encode_sft
+from posttrain.data.formats import implicit_prompt
 from posttrain.errors import ConfigError
 
 logger = logging.getLogger("posttrain.data")
@@ -142,16 +145,6 @@ def _completion_text(prompt: Any, value: Any, side: str) -> str:
     return content
 
 
-def _implicit_prompt(chosen: Any, rejected: Any) -> list[dict[str, Any]] | None:
-    """The messages two conversations share before they diverge (None if they share none)."""
-    if not (_is_messages(chosen) and _is_messages(rejected)):
-        return None
-    n = 0
-    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-        n += 1
-    return [dict(m) for m in chosen[:n]] or None
-
-
 def _normalize_row(
     i: int, row: dict[str, Any], cols: tuple[str, str, str, str | None]
 ) -> PreferencePair:
@@ -163,7 +156,7 @@ def _normalize_row(
     # a prompt column): the prompt is then the messages both conversations share
     prompt = None if prompt_col in (chosen_col, rejected_col) else row.get(prompt_col)
     if prompt is None:
-        prompt = _implicit_prompt(row[chosen_col], row[rejected_col])
+        prompt = implicit_prompt(row[chosen_col], row[rejected_col])
     if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
         raise ValueError(f"missing or empty '{prompt_col}'")
     if not isinstance(prompt, str) and not _is_messages(prompt):

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from posttrain.config import Config
 from posttrain.data.loading import load_rows
+
+
+def format_kwargs(cfg: Config) -> dict[str, Any]:
+    """The `load_rows` arguments that map a dataset's own columns (data/formats.py)."""
+    d = cfg.data
+    return {
+        "prompt_column": d.prompt_column,
+        "columns": dict(d.columns),
+        "prompt_template": d.prompt_template,
+        "chosen_column": d.chosen_column,
+        "rejected_column": d.rejected_column,
+    }
 
 
 def load_train_eval_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -11,24 +25,27 @@ def load_train_eval_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
     d = cfg.data
     train = load_rows(
         d.source,
-        prompt_column=d.prompt_column,
         split="train",
         n=d.train_size,
         seed=d.seed,
         task_kwargs=d.task if d.source == "arithmetic" else None,
+        **format_kwargs(cfg),
     )
     return train, load_eval_rows(cfg)
 
 
 def load_eval_rows(cfg: Config) -> list[dict]:
-    """The held-out rows: `data.eval_source` (or `data.source`), split `test`, `eval_size` rows."""
+    """The held-out rows: `data.eval_source` (or `data.source`), split `test`, `eval_size` rows.
+
+    `data.columns` and `data.prompt_template` apply to both sources.
+    """
     d = cfg.data
     eval_source = d.eval_source or d.source
     return load_rows(
         eval_source,
-        prompt_column=d.prompt_column,
         split="test",
         n=d.eval_size,
         seed=d.seed,
         task_kwargs=d.task if eval_source == "arithmetic" else None,
+        **format_kwargs(cfg),
     )

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from posttrain.models.lean_logprobs import LeanHidden
 from posttrain.models.loading import load_policy
 from posttrain.models.reward_model import load_reward_model
 
@@ -34,13 +35,17 @@ class ActorCriticOutput:
     """What `ActorCritic.forward` returns.
 
     Attributes:
-        logits: [B, L, V] policy logits, None while `critic_only` (the policy is not run).
+        logits: [B, L, V] policy logits; None while `critic_only` (the policy is not run) or
+            when `lean` is set.
         values: [B, L] float32 critic values V(s_t): the value of the prefix ending at token t,
             i.e. of the state from which token t+1 is sampled.
+        lean: the policy's last hidden state [B, L, H] and output embedding, instead of logits
+            (`logprob_chunk_tokens > 0`; `lean_logprobs.output_token_stats` reads it).
     """
 
     logits: Tensor | None
     values: Tensor
+    lean: LeanHidden | None = None
 
 
 class ActorCritic(nn.Module):
@@ -70,6 +75,9 @@ class ActorCritic(nn.Module):
         # Set by PPO during critic warm-up: the forward skips the policy's logits (and, with a
         # shared head, runs the backbone without grad), so only the critic can change.
         self.critic_only = False
+        # > 0: the forward returns the policy's last hidden state + head (`lean`), not logits;
+        # log-probs are then computed in chunks of this many tokens (train.logprob_chunk_tokens)
+        self.logprob_chunk_tokens = 0
 
     def forward(
         self,
@@ -85,20 +93,30 @@ class ActorCritic(nn.Module):
             position_ids: [B, L] optional positions.
 
         Returns:
-            ActorCriticOutput with logits [B, L, V] (or None) and values [B, L] float32.
+            ActorCriticOutput with logits [B, L, V] (or None; `lean` instead when
+            `logprob_chunk_tokens > 0`) and values [B, L] float32.
         """
         kw = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
+        chunk, head = self.logprob_chunk_tokens, self.policy.get_output_embeddings()
+        logits, lean = None, None
         if self.critic is not None:
-            logits = None if self.critic_only else self.policy(input_ids, **kw).logits
+            if not self.critic_only and chunk > 0:
+                h_pol = self.policy.base_model(input_ids, **kw).last_hidden_state
+                lean = LeanHidden(h_pol, head, chunk)
+            elif not self.critic_only:
+                logits = self.policy(input_ids, **kw).logits
             hidden = self.critic.base_model(input_ids, **kw).last_hidden_state
             values = self.critic.score(hidden)
         else:
             assert self.value_head is not None
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.critic_only):
                 hidden = self.policy.base_model(input_ids, **kw).last_hidden_state
-            logits = None if self.critic_only else self.policy.get_output_embeddings()(hidden)
+            if not self.critic_only and chunk > 0:
+                lean = LeanHidden(hidden, head, chunk)
+            elif not self.critic_only:
+                logits = head(hidden)
             values = self.value_head(hidden)
-        return ActorCriticOutput(logits, values.squeeze(-1).float())
+        return ActorCriticOutput(logits, values.squeeze(-1).float(), lean)
 
     def critic_parameters(self) -> list[nn.Parameter]:
         """The critic's own trainable parameters (the whole critic model, or the value head)."""

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from posttrain import losses
 from posttrain.data.tensors import chunk_indices
+from posttrain.models.lean_logprobs import lean_forward, output_token_stats
 from posttrain.runtime import distributed as dist
 
 
@@ -26,6 +26,8 @@ def policy_token_stats(
         model: the trained policy (DeepSpeed engine or causal LM), as it is now.
         t: `input_ids`, `attention_mask` [N, L].
         temperature: the sampler's temperature (logits are divided by it).
+            Models with lean-forward hooks (`lean_logprobs.install_lean_forward`) are run lean:
+            no [rows, L, V] logits, chunked log-probs from the last hidden state.
         micro_size: rows per forward pass.
         ref_model: frozen reference model, or None.
 
@@ -37,12 +39,15 @@ def policy_token_stats(
     olds, ents, refs = [], [], []
     for idx in chunk_indices(t["input_ids"].shape[0], micro_size):
         ids, att = t["input_ids"][idx].to(device), t["attention_mask"][idx].to(device)
-        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
-        olds.append(losses.token_logprobs(logits, ids[:, 1:], temperature).cpu())
-        ents.append(losses.token_entropy(logits, temperature).cpu())
+        with lean_forward(model):
+            out = model(input_ids=ids, attention_mask=att)
+        logp, entropy = output_token_stats(out, ids, temperature, entropy="metric")
+        olds.append(logp.cpu())
+        ents.append(entropy.cpu())
         if ref_model is not None:
-            ref_logits = ref_model(input_ids=ids, attention_mask=att).logits[:, :-1]
-            refs.append(losses.token_logprobs(ref_logits, ids[:, 1:], temperature).cpu())
+            with lean_forward(ref_model):
+                ref_out = ref_model(input_ids=ids, attention_mask=att)
+            refs.append(output_token_stats(ref_out, ids, temperature)[0].cpu())
     out = {"logp_old": torch.cat(olds), "entropy_old": torch.cat(ents)}
     if refs:
         out["logp_ref"] = torch.cat(refs)

@@ -116,3 +116,18 @@ def test_warmup_config_keeps_what_sft_reads_and_resets_the_rest():
     default = Config()
     for section in [f for f in to_dict(cfg) if f not in WARMUP_INHERITS and f != "warmup"]:
         assert getattr(sub, section) == getattr(default, section), section
+
+
+def test_warmup_train_size_is_a_prefix_of_the_rl_rows():
+    from posttrain.config import warmup_config
+    from posttrain.data.splits import load_train_eval_rows
+
+    cfg = load_config(ROOT / "recipes" / "quickstart.yaml", [])
+    assert cfg.warmup.train_size == 200
+    sub = warmup_config(cfg, "some/model", "out/sft-warmup")
+    assert sub.data.train_size == 200 and cfg.data.train_size == 2000
+    rl_rows, rl_eval = load_train_eval_rows(cfg)
+    warm_rows, warm_eval = load_train_eval_rows(sub)
+    assert warm_rows == rl_rows[:200] and warm_eval == rl_eval
+    with pytest.raises(ConfigError, match=r"warmup\.train_size=0 must be >= 1"):
+        load_config(ROOT / "recipes" / "quickstart.yaml", ["warmup.train_size=0"])
