@@ -31,6 +31,7 @@ from posttrain.errors import ConfigError, RolloutError
 from posttrain.eval.evaluate import eval_settings
 from posttrain.eval.report import RunResult, finish
 from posttrain.models import load_tokenizer, make_tiny
+from posttrain.rollout.vllm_local import close_live_engines
 from posttrain.runtime import checkpoint, dsconfig
 from posttrain.runtime import distributed as dist
 from posttrain.runtime.logging import RunLogger, progress
@@ -89,6 +90,7 @@ class Trainer:
     def __init__(self, config: Config) -> None:
         self.cfg = config
         gc.collect()  # finalise engines of earlier Trainers now, not midway through this init
+        close_live_engines()  # and those still referenced (a variable about to be reassigned)
         # quiet console: third-party logs -> <output_dir>/third_party.log (runtime/logging.py)
         from posttrain.runtime.logging import quiet_console
 

