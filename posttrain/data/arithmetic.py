@@ -152,7 +152,8 @@ def wrong_answer(row: dict, rng: random.Random) -> str:
     """A plausible wrong answer for preference data (off by one/two/ten, sign or operator mistake).
 
     Args:
-        row: an arithmetic row with ``prompt`` and ``answer``.
+        row: an arithmetic row with ``prompt`` (or ``raw_prompt``, the expression before
+            `data.prompt_template`) and ``answer``.
         rng: source of randomness (``random.Random``); the same state gives the same answer.
 
     Returns:
@@ -161,7 +162,7 @@ def wrong_answer(row: dict, rng: random.Random) -> str:
     correct = int(row["answer"])
     candidates = {correct + d for d in (-10, -2, -1, 1, 2, 10)}
     candidates.add(-correct)
-    a, _, b = parse(str(row["prompt"]))
+    a, _, b = parse(str(row.get("raw_prompt", row["prompt"])))  # before data.prompt_template
     candidates.update({a - b, a + b, b - a})
     candidates.discard(correct)
     return str(rng.choice(sorted(candidates)))

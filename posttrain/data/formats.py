@@ -97,7 +97,8 @@ def render_template(template: str, row: Mapping[str, Any]) -> str:
 def apply_template(
     rows: list[dict[str, Any]], template: str, prompt_column: str, source: str
 ) -> list[dict[str, Any]]:
-    """Set `row[prompt_column]` to the template formatted from each row.
+    """Set `row[prompt_column]` to the template formatted from each row; its value before goes to
+    `row["raw_" + prompt_column]`.
 
     Raises:
         ConfigError: a placeholder that is not a column (names it and the available columns).
@@ -111,7 +112,15 @@ def apply_template(
                 f"{did_you_mean(name, list(map(str, rows[0])))}; "
                 f"available columns: {_available(rows[0])}"
             )
-    return [{**row, prompt_column: render_template(template, row)} for row in rows]
+    # the untemplated value stays readable (a task generator parses it: arithmetic's wrong answers)
+    return [
+        {
+            **row,
+            f"raw_{prompt_column}": row.get(prompt_column),
+            prompt_column: render_template(template, row),
+        }
+        for row in rows
+    ]
 
 
 def _is_messages(value: Any) -> bool:

