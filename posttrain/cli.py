@@ -59,10 +59,12 @@ def _import_gguf(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from posttrain.models.gguf_import import import_gguf
+    from posttrain.runtime.logging import third_party_output
 
     hf_logging.disable_progress_bar()
     print(f"[posttrain] importing {args.file} -> {args.out} ({args.dtype}) ...", flush=True)
-    info = import_gguf(args.file, args.out, dtype=args.dtype)
+    with third_party_output():  # transformers' dequantizing bar, DeepSpeed's import notice
+        info = import_gguf(args.file, args.out, dtype=args.dtype)
     print(
         f"[posttrain] {info['architecture']}: {info['params'] / 1e6:.1f}M parameters, "
         f"{info['layers']} layers, hidden {info['hidden']}, vocabulary {info['vocab']}, "
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown[:1] == ["--"]:
         unknown = unknown[1:]
     args.vllm_args = unknown  # rollout-server: what it does not know (after MODEL) is vLLM's
-    if args.command in ("train", "eval"):
+    if args.command in ("train", "eval", "import-gguf"):
         from posttrain.runtime.logging import route_third_party
 
         # before any third-party import (vLLM configures its logging when imported); the run

@@ -223,7 +223,8 @@ class TrainConfig:
     max_tokens_per_micro_batch: int | None = None
     # token log-probs / entropy computed from the last hidden state in chunks of this many
     # tokens, recomputed in backward, so no [tokens, vocab] tensor outlives its chunk (0: off)
-    logprob_chunk_tokens: int = 1024
+    # (256: peak 0.22x of full logits at SmolLM2 shape, same time; benchmarks/logprob_memory.py)
+    logprob_chunk_tokens: int = 256
     updates_per_batch: int = 1
     zero_stage: int = 0
     seed: int = 0

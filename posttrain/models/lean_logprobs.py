@@ -94,7 +94,7 @@ def chunked_token_stats(
     head: Callable[[Tensor], Tensor],
     targets: Tensor,
     temperature: float = 1.0,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = 256,
     entropy: str = "none",
 ) -> tuple[Tensor, Tensor | None]:
     """Token log-probs (and entropies) of softmax(head(hidden) / temperature), chunk by chunk.
