@@ -73,10 +73,9 @@ def test_cli_bf16_import_is_the_rounded_float32_weights(smollm2_dir, tmp_path, c
 SHORT = ("train.steps=2", "log.wandb=disabled", "log.progress=false", "eval.seeds=[0]")
 RECIPES = {
     "smollm2_grpo_math": (
-        "rollout.prompts_per_step=2",
+        "rollout.prompts_per_step=4",
         "rollout.samples_per_prompt=4",
-        "rollout.max_new_tokens=8",
-        "train.micro_batch_size_per_device=8",
+        "train.micro_batch_size_per_device=16",
         "eval.num_problems=4",
     ),
     "smollm2_sft": (
@@ -106,7 +105,10 @@ def test_smollm2_recipe_two_steps(smollm2_dir, tmp_path, name):
     start = load_file(Path(smollm2_dir) / "model.safetensors")
     moved = max((final[k] - start[k]).abs().max().item() for k in start)
     assert moved > 0, "two optimizer steps left every weight where it was"
-    assert (out / "eval.json").is_file()
     if name == "smollm2_grpo_math":
+        # some group had both right and wrong answers, so there was a gradient to take
+        assert max(m["advantage/abs_mean"] for m in history) > 0
         assert history[-1]["weight_version"] == 2.0  # vLLM holds the trained weights
-        assert all(m["response_length/max"] <= 8 for m in history)
+        assert all(m["response_length/max"] <= 32 for m in history)
+    if name != "smollm2_sft":  # SFT reports no held-out metric
+        assert (out / "eval.json").is_file()
