@@ -54,6 +54,7 @@ def check_supported(cfg: Config) -> None:
         "rollout.max_staleness": r.max_staleness > 0,
         "data.stages / rollout.history_resampling": bool(cfg.data.stages) or r.history_resampling,
         "warmup.steps": cfg.warmup.steps > 0,
+        "loss.rollout_correction (tis only)": cfg.loss.rollout_correction != "tis",
     }
     if any(left_out.values()):
         names = [k for k, on in left_out.items() if on]

@@ -3,11 +3,11 @@
 Every function here is a small pure torch function: no model, no config object, no I/O.
 Shapes: B = samples in the (micro-)batch, T = tokens, V = vocabulary, N = preference pairs.
 
-How a trainer composes the per-token policy objective (the order matters only for TIS):
+How a trainer composes the per-token policy objective (the order matters only for the weight w):
 
     loss_tok, stats = policy_loss(logp, logp_old, adv, mask, clip_low=..., clip_high=...)
-    if tis_cap is not None:
-        w, tis_stats = tis_weights(logp_old, logp_roll, mask, tis_cap)
+    w, mismatch = rollout_correction(logp_old, logp_roll, mask, method, threshold=..., tis_cap=...)
+    if w is not None:                     # TIS, masked IS, IcePop, ... (posttrain/off_policy.py)
         loss_tok = w * loss_tok
     if kl_coef:
         loss_tok = loss_tok + kl_coef * kl_estimate(logp, logp_ref, "k3")
@@ -25,6 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# the rollout/trainer mismatch corrections live in posttrain/off_policy.py; re-exported here
+from posttrain.off_policy import tis_weights as tis_weights
 
 AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -156,35 +159,6 @@ def policy_loss(
         loss = torch.where(adv < 0, torch.minimum(loss, cap), loss)
     stats = {"ratio": ratio.detach(), "clipped": clipped, "dual_clipped": dual_clipped}
     return _masked(loss, m), stats
-
-
-def tis_weights(
-    logp_old: Tensor, logp_roll: Tensor, mask: Tensor, cap: float
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Truncated IS weights for rollout/trainer mismatch: w = min(exp(logp_old - logp_roll), cap).
-
-    Args:
-        logp_old: [B, T] trainer log-probs at the start of the step.
-        logp_roll: [B, T] log-probs reported by the rollout engine.
-        mask: [B, T] bool/0-1.
-        cap: the truncation cap (>= 1).
-
-    Returns:
-        w: [B, T] detached float32 weights, 0 where mask is 0 (multiply into loss_tok).
-        stats: scalar float tensors `mismatch_abs_sum` (sum of |logp_old - logp_roll| over masked
-        tokens), `capped_count` (masked tokens with exp(.) > cap), `token_count`; sums, so they can
-        be added over micro-batches/ranks and divided at the end.
-    """
-    m = mask.bool()
-    diff = _masked((logp_old.float() - logp_roll.float()).detach(), m)
-    raw = torch.exp(diff)
-    w = _masked(torch.clamp(raw, max=cap), m)
-    stats = {
-        "mismatch_abs_sum": diff.abs().sum(),
-        "capped_count": ((raw > cap) & m).sum().float(),
-        "token_count": m.sum().float(),
-    }
-    return w, stats
 
 
 def kl_estimate(logp: Tensor, logp_ref: Tensor, estimator: str = "k3") -> Tensor:

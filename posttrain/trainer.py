@@ -25,7 +25,14 @@ from typing import Any
 import torch
 
 from posttrain.algorithms import algorithm_spec, build_algorithm
-from posttrain.algorithms.base import PADDING_KEY, StepBatch, model_inputs, pad_counts
+from posttrain.algorithms.base import (
+    PADDING_KEY,
+    StepBatch,
+    add_shares,
+    model_inputs,
+    pad_counts,
+    reduce_shares,
+)
 from posttrain.config import Config, to_dict, warmup_config
 from posttrain.errors import ConfigError, RolloutError
 from posttrain.eval.evaluate import eval_settings
@@ -219,9 +226,7 @@ class Trainer:
                     outputs = self.engine(**model_inputs(mb))
                     loss, shares = self.algorithm.loss(outputs, mb, batch)
                     self.engine.backward(loss * world, scale_wrt_gas=False)
-                    shares = {"loss": float(loss.detach()), **shares}
-                    for k, v in shares.items():
-                        totals[k] = totals.get(k, 0.0) + float(v)
+                    add_shares(totals, {"loss": float(loss.detach()), **shares})
                 local_norm = self._local_grad_norm()
                 self.engine.step()
             norm = self.engine.get_global_grad_norm()
@@ -229,7 +234,7 @@ class Trainer:
             if norm is not None:
                 grad_norms.append(float(norm))
         t_train = time.perf_counter()
-        metrics = {k: dist.all_reduce_sum(v) / batch.updates for k, v in totals.items()}
+        metrics = reduce_shares(totals, batch.updates)
         metrics.update(batch.metrics)
         try:
             with self.watchdog.phase("weight sync"):

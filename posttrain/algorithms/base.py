@@ -6,7 +6,9 @@ forward, backward and the optimizer; it never knows which algorithm it runs.
 
 Convention: `loss()` returns this micro-batch's *share* of the step loss and of every metric,
 already divided by global (whole-step, all-rank) denominators, so the trainer just sums shares
-over micro-batches and ranks.
+over micro-batches and ranks. A metric whose name ends in `MAX_SUFFIX` (`_max`) is a maximum
+instead: the trainer keeps the largest value over micro-batches, updates and ranks
+(`add_shares`, `reduce_shares`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from posttrain.runtime import distributed as dist
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 # marks a zero-weight micro-batch that only keeps a rank's backward count equal to the others'
 PADDING_KEY = "padding_micro_batch"
+# metric shares named `..._max` are maxima over micro-batches, updates and ranks, not sums
+MAX_SUFFIX = "_max"
 
 
 @dataclass
@@ -36,6 +40,8 @@ class StepBatch:
         denominator: the step's global (all-rank) loss denominator: loss tokens, sequences or
             pairs, as the algorithm aggregates. `loss` divides by it.
         token_total: the step's global count of loss tokens (per-token metric shares).
+        seq_total: the step's global count of samples with at least one loss token
+            (per-sample metric shares).
         step_state: anything else the step's loss reads (e.g. PPO's `critic_only`).
     """
 
@@ -44,6 +50,7 @@ class StepBatch:
     updates: int = 1
     denominator: float = 1.0
     token_total: float = 1.0
+    seq_total: float = 1.0
     step_state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -189,3 +196,24 @@ def max_over_ranks(n: int) -> int:
     x = torch.tensor([n], dtype=torch.long, device=dist.device())
     torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
     return int(x.item())
+
+
+def add_shares(totals: dict[str, float], shares: dict[str, float]) -> None:
+    """Accumulate one micro-batch's metric shares into `totals` (in place): a sum, or the
+    largest value for names ending in `MAX_SUFFIX`."""
+    for k, v in shares.items():
+        if k not in totals:
+            totals[k] = float(v)
+        elif k.endswith(MAX_SUFFIX):
+            totals[k] = max(totals[k], float(v))
+        else:
+            totals[k] += float(v)
+
+
+def reduce_shares(totals: dict[str, float], updates: int) -> dict[str, float]:
+    """The step's metrics from this rank's `totals` over `updates` passes of the batch: sums over
+    ranks divided by `updates`, or the largest value over ranks for `MAX_SUFFIX` names."""
+    return {
+        k: dist.all_reduce_max(v) if k.endswith(MAX_SUFFIX) else dist.all_reduce_sum(v) / updates
+        for k, v in totals.items()
+    }

@@ -1,9 +1,9 @@
 """GRPO and its critic-free family (Dr. GRPO, DAPO options, GSPO, RLOO, REINFORCE++, OPO).
 
 make_batch: prompts -> rollout engine (G samples each) -> rewards -> advantages -> tensors.
-loss: the clipped surrogate (token or sequence ratio), TIS correction, KL and entropy terms,
-aggregated with whole-step denominators. All math lives in `posttrain.losses` and
-`posttrain.advantages`; this file only wires it.
+loss: the clipped surrogate (token or sequence ratio), the rollout correction (TIS by default),
+KL and entropy terms, aggregated with whole-step denominators. All math lives in
+`posttrain.losses`, `posttrain.off_policy` and `posttrain.advantages`; this file only wires it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from posttrain import advantages as adv_fn
-from posttrain import losses
+from posttrain import losses, off_policy
 from posttrain import turn_credit as turn_fn
 from posttrain.algorithms.base import StepBatch, split_micro_batches
 from posttrain.algorithms.online import (
@@ -22,6 +22,7 @@ from posttrain.algorithms.online import (
     by_length,
     check_on_policy,
     frozen_reference,
+    mismatch_shares,
     sequences_to_tensors,
     turn_index_tensor,
     turn_tensors,
@@ -85,6 +86,7 @@ class GRPO(OnlineAlgorithm):
         denom_local = losses.aggregation_denominator(t["mask"], cfg.loss.aggregation)
         denominator = max(dist.all_reduce_sum(denom_local), 1.0)
         token_total = max(dist.all_reduce_sum(float(t["mask"].sum())), 1.0)
+        seq_total = max(dist.all_reduce_sum(float(t["mask"].any(-1).sum())), 1.0)
         t0 = time.perf_counter()
         if self.recompute_old or cfg.kl.coef > 0 or cfg.advantage.entropy_modulation:
             self._add_old_and_ref(t, model)
@@ -106,6 +108,7 @@ class GRPO(OnlineAlgorithm):
             updates=cfg.train.updates_per_batch,
             denominator=denominator,
             token_total=token_total,
+            seq_total=seq_total,
         )
 
     def _turn_advantages(
@@ -146,7 +149,13 @@ class GRPO(OnlineAlgorithm):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """This micro-batch's share of the step loss and metrics."""
         return clipped_policy_loss(
-            self.cfg, outputs, mb, batch.denominator, batch.token_total, self.cfg.kl.coef
+            self.cfg,
+            outputs,
+            mb,
+            batch.denominator,
+            batch.token_total,
+            self.cfg.kl.coef,
+            seq_total=batch.seq_total,
         )
 
 
@@ -157,11 +166,13 @@ def clipped_policy_loss(
     denominator: float,
     token_total: float,
     kl_coef: float,
+    seq_total: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch's share of the clipped policy loss (shared by GRPO and PPO).
 
-    The clipped surrogate (token or sequence ratio), TIS correction, KL-in-loss and entropy
-    terms, aggregated with whole-step denominators (`loss.*` options).
+    The clipped surrogate (token or sequence ratio), rollout correction (`loss.rollout_correction`:
+    TIS by default), KL-in-loss and entropy terms, aggregated with whole-step denominators
+    (`loss.*` options).
 
     Args:
         cfg: run config (`loss`, `kl.estimator`, `rollout.temperature`, `max_new_tokens`).
@@ -172,6 +183,7 @@ def clipped_policy_loss(
         denominator: the step's global aggregation denominator.
         token_total: the step's global count of loss tokens (metric shares).
         kl_coef: weight of the KL-to-reference term in the loss (0 = off).
+        seq_total: the step's global count of samples with loss tokens (masked-sample share).
 
     Returns:
         (loss share, metric shares).
@@ -194,13 +206,19 @@ def clipped_policy_loss(
         ratio_level=lc.ratio_level,
     )
     d, n_tok = denominator, token_total
-    shares: dict[str, float] = {}
-    mismatch = (logp_old - mb["logp_roll"]).abs() * mask
-    shares["tis/mismatch_abs_mean"] = float(mismatch.sum()) / n_tok
-    if lc.tis_cap is not None:
-        w, tis = losses.tis_weights(logp_old, mb["logp_roll"], mask, lc.tis_cap)
+    w, corr = off_policy.rollout_correction(
+        logp_old,
+        mb["logp_roll"],
+        mask,
+        lc.rollout_correction,
+        threshold=lc.rollout_correction_threshold,
+        tis_cap=lc.tis_cap,
+    )
+    shares = mismatch_shares(corr, n_tok, seq_total)
+    if w is not None:
         loss_tok = loss_tok * w
-        shares["tis/capped_frac"] = float(tis["capped_count"]) / n_tok
+    if lc.rollout_correction in off_policy.WITH_TIS and lc.tis_cap is not None:
+        shares["tis/capped_frac"] = float(corr["capped_count"]) / n_tok
     if kl_coef > 0:
         kl = losses.kl_estimate(logp, mb["logp_ref"], cfg.kl.estimator)
         loss_tok = loss_tok + kl_coef * kl

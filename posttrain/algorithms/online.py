@@ -101,6 +101,35 @@ def turn_index_tensor(samples: list[Sample], width: int) -> torch.Tensor:
     return out
 
 
+def mismatch_shares(
+    stats: dict[str, torch.Tensor], token_total: float, seq_total: float | None = None
+) -> dict[str, float]:
+    """This micro-batch's shares of the rollout/trainer mismatch metrics (`tis/...`).
+
+    Args:
+        stats: `off_policy.mismatch_stats` (or `off_policy.rollout_correction`'s stats, which
+            add the masked counts and `capped_count`).
+        token_total: the step's global count of loss tokens.
+        seq_total: the step's global count of samples with loss tokens (masked-sample share);
+            None when `stats` has no masked counts.
+
+    Returns:
+        `tis/mismatch_abs_mean`, `tis/mismatch_kl_k3` (token means of |d| and of the k3 terms),
+        `tis/mismatch_abs_max` (a maximum: `base.MAX_SUFFIX`) and, with masked counts,
+        `tis/masked_token_frac`, `tis/masked_seq_frac`.
+    """
+    shares = {
+        "tis/mismatch_abs_mean": float(stats["mismatch_abs_sum"]) / token_total,
+        "tis/mismatch_abs_max": float(stats["mismatch_abs_max"]),
+        "tis/mismatch_kl_k3": float(stats["mismatch_k3_sum"]) / token_total,
+    }
+    if "masked_token_count" in stats:
+        assert seq_total is not None
+        shares["tis/masked_token_frac"] = float(stats["masked_token_count"]) / token_total
+        shares["tis/masked_seq_frac"] = float(stats["masked_seq_count"]) / seq_total
+    return shares
+
+
 def check_on_policy(groups: list[list[Sample]], version: int) -> None:
     """Raise unless every sample was drawn with the trainer's current weights (`version`).
 

@@ -152,6 +152,7 @@ class PPO(OnlineAlgorithm):
             cfg.train.updates_per_batch,
             denominator=max(dist.all_reduce_sum(denom_local), 1.0),
             token_total=max(dist.all_reduce_sum(float(t["mask"].sum())), 1.0),
+            seq_total=max(dist.all_reduce_sum(float(t["mask"].any(-1).sum())), 1.0),
             step_state={"critic_only": critic_only},
         )
 
@@ -211,7 +212,7 @@ class PPO(OnlineAlgorithm):
             return p.vf_coef * v_loss, shares
         kl_coef = 0.0 if cfg.kl.in_reward else cfg.kl.coef
         pg_loss, pg_shares = clipped_policy_loss(
-            cfg, outputs, mb, batch.denominator, batch.token_total, kl_coef
+            cfg, outputs, mb, batch.denominator, batch.token_total, kl_coef, batch.seq_total
         )
         shares.update(pg_shares)
         shares["policy/loss"] = float(pg_loss.detach())

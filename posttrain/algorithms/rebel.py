@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from posttrain import losses
+from posttrain import losses, off_policy
 from posttrain.algorithms.base import StepBatch, trim_micro_batch
-from posttrain.algorithms.online import OnlineAlgorithm, sequences_to_tensors
+from posttrain.algorithms.online import OnlineAlgorithm, mismatch_shares, sequences_to_tensors
 from posttrain.config import Config
 from posttrain.data.tensors import chunk_indices, shard_for_rank
 from posttrain.models.forward import policy_token_stats
@@ -94,11 +94,10 @@ class Rebel(OnlineAlgorithm):
         )
         num_pairs, n_tok = batch.denominator, batch.token_total
         loss = per_pair.sum() / num_pairs
-        with torch.no_grad():
-            mismatch = (logp_old - mb["logp_roll"].to(logp.device)).abs() * mask
+        mismatch = off_policy.mismatch_stats(logp_old, mb["logp_roll"].to(logp.device), mask)
         shares = {
             "entropy": float((entropy * mask).sum()) / n_tok,
-            "tis/mismatch_abs_mean": float(mismatch.sum()) / n_tok,
+            **mismatch_shares(mismatch, n_tok),
             "rebel/residual_abs_mean": float(per_pair.detach().sqrt().sum()) / num_pairs,
             "rebel/pair_logratio_abs_mean": float(seq_lr.abs().sum()) / num_pairs,
         }

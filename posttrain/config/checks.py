@@ -78,6 +78,7 @@ def validate(cfg: Config) -> None:
         _check(cfg.loss.dual_clip_c > 1, "loss.dual_clip_c must be > 1 (e.g. 3) or null")
     if cfg.loss.tis_cap is not None:
         _check(cfg.loss.tis_cap >= 1, "loss.tis_cap must be >= 1 or null (off)")
+    _validate_rollout_correction(cfg)
     _check(cfg.kl.coef >= 0, "kl.coef must be >= 0")
     _check(cfg.optim.lr > 0, "optim.lr must be > 0")
     if r.overlong_penalty:
@@ -103,6 +104,21 @@ def validate(cfg: Config) -> None:
             f"model.path: directory {cfg.model.path} does not exist (use 'tiny' for the "
             "built-in model, a local directory or a hub name)",
         )
+
+
+def _validate_rollout_correction(cfg: Config) -> None:
+    """`loss.rollout_correction` (its name is checked against CHOICES), its threshold and cap."""
+    lc = cfg.loss
+    _check(
+        lc.rollout_correction_threshold > 1,
+        f"loss.rollout_correction_threshold={lc.rollout_correction_threshold} must be > 1 (C of "
+        "token_mis/seq_mis, k of icepop/geo_mask: e.g. 2.0)",
+    )
+    _check(
+        lc.tis_cap is not None or lc.rollout_correction not in ("icepop_tis", "geo_mask_tis"),
+        f"loss.rollout_correction={lc.rollout_correction} multiplies its mask by the TIS weight: "
+        f"set loss.tis_cap (>= 1), or use {lc.rollout_correction[:-4]} for the mask alone",
+    )
 
 
 def _validate_train(cfg: Config) -> None:
@@ -423,6 +439,9 @@ def _validate_research_methods(cfg: Config) -> None:
             f"kl.coef={cfg.kl.coef}": cfg.kl.coef != 0,
             f"advantage.estimator={cfg.advantage.estimator}": cfg.advantage.estimator != "grpo",
             "advantage.entropy_modulation": cfg.advantage.entropy_modulation is not None,
+            f"loss.rollout_correction={cfg.loss.rollout_correction}": (
+                cfg.loss.rollout_correction not in ("tis", "none")
+            ),
         }
         for option, is_set in unused.items():
             _check(
@@ -437,6 +456,9 @@ def _validate_research_methods(cfg: Config) -> None:
         unused = {
             f"kl.coef={cfg.kl.coef}": cfg.kl.coef != 0,
             f"advantage.estimator={cfg.advantage.estimator}": cfg.advantage.estimator != "grpo",
+            f"loss.rollout_correction={cfg.loss.rollout_correction}": (
+                cfg.loss.rollout_correction not in ("tis", "none")
+            ),
         }
         for option, is_set in unused.items():
             _check(

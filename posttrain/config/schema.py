@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain import advantages, losses, turn_credit
+from posttrain import advantages, losses, off_policy, turn_credit
 
 
 @dataclass(frozen=True)
@@ -160,13 +160,22 @@ class AdvantageConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Policy-loss options."""
+    """Policy-loss options.
+
+    `rollout_correction` weights or masks the tokens by how far the rollout engine's log-probs
+    are from the trainer's (`tis`, `none`, `token_mis`, `seq_mis`, `icepop`, `icepop_tis`,
+    `geo_mask`, `geo_mask_tis`; docs/algorithms.md §4). `rollout_correction_threshold` is C of
+    the masked-IS methods and k of the IcePop / geometric-mean masks; `tis_cap` is the cap of the
+    TIS factor of `tis`, `icepop_tis` and `geo_mask_tis` (null: `tis` is off).
+    """
 
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip_c: float | None = None
     ratio_level: str = "token"
     tis_cap: float | None = 2.0
+    rollout_correction: str = "tis"
+    rollout_correction_threshold: float = 2.0
     aggregation: str = "token_mean"
     entropy_coef: float = 0.0
 
@@ -433,6 +442,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "advantage.entropy_modulation_level": turn_credit.ENTROPY_MODULATION_LEVELS,
     "loss.ratio_level": losses.RATIO_LEVELS,
     "loss.aggregation": losses.AGGREGATION_MODES,
+    "loss.rollout_correction": off_policy.ROLLOUT_CORRECTIONS,
     "kl.estimator": losses.KL_ESTIMATORS,
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.algorithm": ("grpo", "sft", "dpo", "reward_model", "ppo", "rebel", "online_dpo"),

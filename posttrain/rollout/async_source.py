@@ -26,7 +26,8 @@ version) and `rollout/queued` (batches generated or generating ahead of the trai
 The loss stays correct off-policy: GRPO/PPO recompute `logp_old` with the trainer's current
 weights (or take the detached current log-probs), so the clipped ratio is taken against the
 current policy, and `loss.tis_cap` reweights each token by min(exp(logp_old - logp_roll), cap):
-the truncated importance weight between the current policy and the stale sampler.
+the truncated importance weight between the current policy and the stale sampler (or
+`loss.rollout_correction` masks what is too far off: `posttrain.off_policy`).
 
 Checkpoints store the prompt position from before the oldest untrained queued batch, so a
 resumed run generates every batch that was prefetched but not trained again (and pushes its

@@ -127,6 +127,15 @@ def all_reduce_sum(value: float) -> float:
     return float(t.item())
 
 
+def all_reduce_max(value: float) -> float:
+    """The largest of a Python float over all ranks."""
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj` (picklable), in rank order; `[obj]` when alone."""
     if not torch.distributed.is_initialized() or world_size() == 1:
