@@ -35,6 +35,23 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(import_gguf("smollm2", tmp_path_factory.mktemp("smollm2") / "model")["out"])
 
 
+@pytest.fixture(scope="session")
+def eos_model(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model after 20 SFT steps on the arithmetic answers: it ends completions with EOS
+    after a few tokens, so sampled lengths differ (the random model runs every completion to
+    max_new_tokens, and with equal lengths the loss aggregation modes coincide)."""
+    from posttrain.config import warmup_config
+    from posttrain.trainer import Trainer
+    from tests.tiny_runs import tiny_cfg
+
+    out = tmp_path_factory.mktemp("sft-warmup")
+    warm = ("warmup.steps=20", "warmup.lr=3e-3", "warmup.warmup_steps=0", "warmup.batch_size=32")
+    Trainer(
+        warmup_config(tiny_cfg(out, tiny_model_dir, *warm), str(tiny_model_dir), str(out))
+    ).train()
+    return out / "checkpoints" / "final"
+
+
 # ------------------------------------------------------------------------------ code sandbox
 # The layers rewards/sandbox.py can add, in the order its launcher sets them up. It uses `uid`
 # only when the caller is root, and tries the namespaces only when the caller is root and

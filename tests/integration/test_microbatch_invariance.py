@@ -8,7 +8,6 @@ import itertools
 
 import pytest
 
-from posttrain.config import warmup_config
 from posttrain.losses import AGGREGATION_MODES
 from posttrain.trainer import Trainer
 from tests.tiny_runs import tiny_cfg
@@ -31,19 +30,6 @@ STEP = (
     "optim.lr=0.1",
     "optim.warmup_steps=0",
 )
-
-
-@pytest.fixture(scope="module")
-def eos_model(tmp_path_factory, tiny_model_dir):
-    """The tiny model after 20 SFT steps on the arithmetic answers: it now ends completions with
-    EOS after a few tokens, so sampled lengths differ (the random model runs every completion to
-    max_new_tokens, and with equal lengths the three aggregation modes coincide)."""
-    out = tmp_path_factory.mktemp("sft-warmup")
-    warm = ("warmup.steps=20", "warmup.lr=3e-3", "warmup.warmup_steps=0", "warmup.batch_size=32")
-    Trainer(
-        warmup_config(tiny_cfg(out, tiny_model_dir, *warm), str(tiny_model_dir), str(out))
-    ).train()
-    return out / "checkpoints" / "final"
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 
-from posttrain.config import warmup_config
 from posttrain.trainer import Trainer
 from tests.integration.test_microbatch_invariance import STEP
 from tests.tiny_runs import tiny_cfg
@@ -18,17 +17,6 @@ ALGORITHMS = {
     "grpo": (),
     "ppo": ("train.algorithm=ppo", "advantage.estimator=gae", "kl.coef=0"),
 }
-
-
-@pytest.fixture(scope="module")
-def eos_model(tmp_path_factory, tiny_model_dir):
-    """The tiny model after 20 SFT steps: completions end early, so their lengths differ."""
-    out = tmp_path_factory.mktemp("sft-warmup")
-    warm = ("warmup.steps=20", "warmup.lr=3e-3", "warmup.warmup_steps=0", "warmup.batch_size=32")
-    Trainer(
-        warmup_config(tiny_cfg(out, tiny_model_dir, *warm), str(tiny_model_dir), str(out))
-    ).train()
-    return out / "checkpoints" / "final"
 
 
 @pytest.fixture(scope="module")
