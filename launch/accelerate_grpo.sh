@@ -17,6 +17,10 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 CONFIG=${CONFIG:-launch/accelerate/multi_gpu.yaml}
+if [[ ! -f "$CONFIG" ]]; then
+  echo "CONFIG=$CONFIG: no such file (expected e.g. launch/accelerate/multi_gpu.yaml)" >&2
+  exit 2
+fi
 RECIPE=${RECIPE:-recipes/quickstart.yaml}
 ENGINE=${ENGINE:-hf}
 ACCELERATE=${ACCELERATE:-accelerate}

@@ -6,6 +6,8 @@ posttrain import-gguf smollm2 models/smollm2-135m-instruct   # or FILE.gguf OUT 
 posttrain rollout-server runs/tiny-model --port 8000   # then rollout.engine=server
 posttrain rollout-server MODEL --weight-transfer nccl --max-num-seqs 64   # vLLM args follow
 posttrain eval runs/quickstart/checkpoints/final recipes/quickstart.yaml eval.seeds=[0,1,2,3]
+posttrain eval runs/quickstart/checkpoints/final recipes/quickstart.yaml \
+    --before runs/quickstart/sft-warmup/checkpoints/final   # pass@k before/after in one PNG
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     from posttrain.runtime.logging import route_third_party
 
-    route_third_party(cfg.train.output_dir, verbose=cfg.log.verbose)
+    # the Trainer names the run directory (after noting what is there: a user mistake found
+    # later leaves it as it was); until then third-party lines are held in memory
+    route_third_party(None, verbose=cfg.log.verbose)
     from posttrain.trainer import Trainer
 
     Trainer(cfg).train()
@@ -41,7 +45,7 @@ def _eval(args: argparse.Namespace) -> int:
     # third-party logs go next to the report (log.verbose shows them too)
     verbose = load_config(recipe, overrides).log.verbose
     route_third_party(Path(args.out).parent, verbose=verbose)
-    report = run_eval(args.model, recipe, overrides, args.out)
+    report = run_eval(args.model, recipe, overrides, args.out, before=args.before, png=args.png)
     print(format_table(report))
     print(f"  results + settings: {args.out}", flush=True)
     return 0
@@ -117,6 +121,15 @@ def _parser() -> argparse.ArgumentParser:
         help="an optional recipe YAML, then key.sub=value overrides",
     )
     e.add_argument("--out", default="eval_results.json", help="JSON report path")
+    e.add_argument(
+        "--before",
+        metavar="MODEL0",
+        help="also evaluate MODEL0 (e.g. the model training started from): before/after pass@k "
+        "curves in one PNG, problems solved after but never before and the reverse",
+    )
+    e.add_argument(
+        "--png", help="pass@k curve image (default: <out stem>.pass_at_k.png next to --out)"
+    )
     e.set_defaults(fn=_eval)
     m = sub.add_parser("make-tiny", help="write the built-in tiny Qwen2 model + tokenizer")
     m.add_argument("out")
@@ -160,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "rollout-server":
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        hint = "; settings are key.sub=value overrides (e.g. train.steps=5)"
+        print(
+            f"posttrain: error: unrecognized arguments: {' '.join(unknown)}"
+            f"{hint if args.command in ('train', 'eval') else ''}",
+            file=sys.stderr,
+        )
+        return 2
     if unknown[:1] == ["--"]:
         unknown = unknown[1:]
     args.vllm_args = unknown  # rollout-server: what it does not know (after MODEL) is vLLM's

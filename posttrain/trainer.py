@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,11 @@ from posttrain.algorithms.base import (
 from posttrain.config import Config, to_dict, warmup_config
 from posttrain.errors import ConfigError, RolloutError
 from posttrain.eval.evaluate import eval_settings
+from posttrain.eval.pass_curve import run_curves
 from posttrain.eval.report import RunResult, finish
 from posttrain.models import load_tokenizer, make_tiny
 from posttrain.rollout.vllm_local import close_live_engines
-from posttrain.runtime import checkpoint, dsconfig
+from posttrain.runtime import checkpoint, dsconfig, rundir
 from posttrain.runtime import distributed as dist
 from posttrain.runtime.logging import RunLogger, progress
 from posttrain.runtime.watchdog import Watchdog
@@ -96,6 +96,10 @@ class Trainer:
 
     def __init__(self, config: Config) -> None:
         self.cfg = config
+        self.out = Path(config.train.output_dir)
+        # a user mistake (ConfigError) before the first step puts it back as it is now
+        self._before = rundir.snapshot(self.out)
+        self.step = self._start_step = 0
         gc.collect()  # finalise engines of earlier Trainers now, not midway through this init
         close_live_engines()  # and those still referenced (a variable about to be reassigned)
         # quiet console: third-party logs -> <output_dir>/third_party.log (runtime/logging.py)
@@ -104,8 +108,6 @@ class Trainer:
         with quiet_console(config.train.output_dir, verbose=config.log.verbose):
             dist.init_distributed(config.train.dist_timeout_s)
         set_seed(config.train.seed)
-        self.out = Path(config.train.output_dir)
-        created = not self.out.exists()
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
         try:
@@ -114,14 +116,15 @@ class Trainer:
             self.engine = self._build_engine()
             self.algorithm = build_algorithm(config, self.model_path, self.tokenizer, self.engine)
         except ConfigError:
-            if created and dist.is_main():
-                shutil.rmtree(self.out, ignore_errors=True)  # a user mistake leaves nothing behind
+            self._undo()
             raise
-        self.step = 0
         self.logger: RunLogger | None = None
         self.history: list[dict[str, float]] = []
         self.eval_before: dict[str, float] = {}
         self.eval_after: dict[str, float] = {}
+        # [S][P] correct counts of the pass@k curve's samples (eval.run_pass_k_max per problem)
+        self.pass_before: list[list[int]] | None = None
+        self.pass_after: list[list[int]] | None = None
         self.final_checkpoint: Path | None = None
         # names the loop's phases; ends a rank stuck in one (train.phase_timeout_s)
         self.watchdog = Watchdog(
@@ -130,6 +133,11 @@ class Trainer:
             rank=dist.rank(),
             world_size=dist.world_size(),
         )
+
+    def _undo(self) -> None:
+        """A user mistake leaves the output dir as it was (removed if this run made it)."""
+        if dist.is_main():
+            rundir.restore(self.out, self._before)
 
     def _warmup(self, model_path: str) -> str:
         """Run the optional SFT warm-up (once; reused on resume); return the model to train."""
@@ -267,13 +275,19 @@ class Trainer:
     def train(self) -> list[dict[str, float]]:
         """Run until `train.steps`; evaluate before and after; returns the per-step metrics."""
         with self.watchdog:  # a phase running past train.phase_timeout_s ends the process
-            return self._train()
+            try:
+                return self._train()
+            except ConfigError:
+                if self.step == self._start_step:  # found before this process trained a step
+                    self._undo()
+                raise
 
     def _train(self) -> list[dict[str, float]]:
         cfg = self.cfg
         if cfg.train.resume:
             with self.watchdog.phase("resume"):
                 self.resume(cfg.train.resume)
+        self._start_step = self.step
         self.logger = RunLogger(
             self.out,
             wandb_mode=cfg.log.wandb,
@@ -286,6 +300,7 @@ class Trainer:
             with self.watchdog.phase("eval"):
                 self.eval_before = self.algorithm.evaluate(0)
             self.logger.log(0, self.eval_before)
+            self.pass_before = self._pass_counts()
         bar = progress(cfg.train.steps, desc=cfg.train.algorithm) if cfg.log.progress else None
         if bar is not None:
             bar.update(self.step)
@@ -305,6 +320,7 @@ class Trainer:
             if run_eval:
                 with self.watchdog.phase("eval"):
                     self.eval_after = self._final_eval()
+                self.pass_after = self._pass_counts()
             if self.step > 0:
                 self.final_checkpoint = self.save("final")
         finally:
@@ -325,7 +341,22 @@ class Trainer:
             eval_after=self.eval_after,
             eval_settings=eval_settings(self.cfg, self.tokenizer) if evaluated else None,
             final_checkpoint=self.final_checkpoint,
+            pass_curves=self._pass_curves(),
         )
+
+    def _pass_curves(self) -> dict[str, dict[str, Any]]:
+        counts = {"before": self.pass_before, "after": self.pass_after}
+        return run_curves(self.cfg, counts)
+
+    def _pass_counts(self) -> list[list[int]] | None:
+        """The pass@k curve's counts ([S][P] correct among `eval.run_pass_k_max` samples per
+        held-out problem) with the current weights; None when off or the algorithm has none."""
+        n = self.cfg.eval.run_pass_k_max
+        counts = getattr(self.algorithm, "pass_counts", None)  # the sampling algorithms
+        if n < 1 or counts is None:
+            return None
+        with self.watchdog.phase("pass@k curve"):
+            return counts(n)
 
     def _interrupted(self, err: RolloutError) -> RolloutError:
         """Save a resumable checkpoint after a rollout failure; the error to end the run with."""

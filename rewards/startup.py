@@ -11,7 +11,8 @@ listing, per reward:
 - a weight that is not a finite number, a ``timeout_s`` that is not positive;
 - a required column that is neither a dataset column nor a spec kwarg; a kwarg that collides with a
   column; a policy-computed column (``token_entropy``) the caller does not supply; a kwarg the
-  reward does not take (for rewards whose ``**_`` only swallows columns);
+  reward does not take (for rewards whose ``**_`` only swallows columns), or whose value does not
+  fit the reward's annotation of it (``max_chars: ten`` for an ``int | None``);
 - for the judge rewards (``rubric``, ``judge_verifier``, or ``functools.partial`` of them):
   ``base_url``/``model`` given per row instead of once, unknown or invalid judge options, an invalid
   ``aggregation``, a rubric (kwarg, file or any row of the ``rubric`` column) that ``parse_rubric``
@@ -26,6 +27,8 @@ import functools
 import inspect
 import json
 import math
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -111,6 +114,48 @@ def _check_kwargs(name: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> 
     return [
         f"reward {name!r} has no option {k!r}; {_closest(k, named)}valid: {valid}"
         for k in sorted(set(kwargs) - set(named))
+    ]
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value can be an argument of annotation `hint` (unknown kinds: yes)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    hint = origin or hint
+    if hint in (list, tuple):  # a YAML list is either
+        return isinstance(value, list | tuple)
+    if hint in (bool, str, dict):
+        return isinstance(value, hint)
+    return True  # Any, Literal, classes of the reward's own: it checks them itself
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    names |= {type(None): "null", list: "a list", tuple: "a list", dict: "a mapping"}
+    hint = typing.get_origin(hint) or hint
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_kwarg_types(name: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> list[str]:
+    """Spec kwargs whose value does not fit the reward's annotation of that parameter (a value
+    that would make the reward fail on every sample, each failure a masked ``None``)."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # annotations that do not resolve are not checked
+        return []
+    return [
+        f"reward {name!r}: {key}={value!r} must be {_describe(hints[key])}"
+        for key, value in kwargs.items()
+        if key in hints and not _fits(value, hints[key])
     ]
 
 
@@ -254,6 +299,7 @@ def _check_spec(
         out += _check_judge(spec, kind, kwargs, columns, reach)
     else:
         out += _check_kwargs(name, fn, spec.kwargs)
+        out += _check_kwarg_types(name, fn, spec.kwargs)
     return out
 
 
@@ -283,8 +329,8 @@ def validate_rewards(
         The specs as ``RewardSpec``s, in order.
 
     Raises:
-        RewardConfigError: (a ``ConfigError``/ValueError) listing every problem found, one per line
-            after a header when there are several.
+        RewardConfigError: (a ``ConfigError``/ValueError) listing every problem found, on one
+            line (numbered when there are several).
     """
     if not isinstance(columns, Mapping):
         columns = dict.fromkeys(columns)
@@ -316,7 +362,7 @@ def validate_rewards(
                 problems.append(f"reward {name!r}: {e}")
     if len(problems) == 1:
         raise RewardConfigError(problems[0])
-    if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise RewardConfigError(f"{len(problems)} reward problems:\n{lines}")
+    if problems:  # one line, as every ConfigError
+        listed = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, start=1))
+        raise RewardConfigError(f"{len(problems)} reward problems: {listed}")
     return out

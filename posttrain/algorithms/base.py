@@ -63,6 +63,10 @@ class Algorithm(Protocol):
             "generate" and the engine gets the weights in `after_step`).
         evaluates: `evaluate` reports held-out metrics (run before and after training when
             `eval.num_problems > 0`, and every `train.eval_every` steps).
+
+    An algorithm that samples single-turn answers may also have `pass_counts(n)` ([S][P] correct
+    samples among n per held-out problem and seed, or None): the trainer then draws the
+    before/after pass@k curve of its final report (`eval.run_pass_k_max`; `OnlineAlgorithm`).
     """
 
     rolls_out: bool

@@ -173,6 +173,11 @@ class OnlineAlgorithm:
         """Held-out accuracy with the current rollout weights."""
         return self.source.evaluate()
 
+    def pass_counts(self, n: int) -> list[list[int]] | None:
+        """[S][P] correct samples among n per held-out problem and seed, for the pass@k curve of
+        the run's final report (None where the source does not sample single-turn answers)."""
+        return self.source.pass_counts(n)
+
     def state_dict(self) -> dict[str, Any]:
         """Data position and weight version."""
         return self.source.state_dict()

@@ -38,9 +38,19 @@ def completion_of(row: dict[str, Any], cfg: Config, index: int) -> str:
     if cfg.data.source == "arithmetic":
         return sft_completion(row)
     raise ConfigError(
-        f"SFT row {index}: no '{col}' column (set data.completion_column; row has "
+        f"SFT row {index}: no '{col}' value (data.completion_column) and no conversation in "
+        f"data.prompt_column; set data.completion_column to the reply's column (the row has "
         f"{', '.join(sorted(row))})"
     )
+
+
+def check_rows(rows: list[dict[str, Any]], cfg: Config) -> None:
+    """Every row has a target (a completion, or a conversation): fail at start-up, not at the
+    step that first draws a bad row."""
+    for i, row in enumerate(rows):
+        target = row.get(cfg.data.completion_column)
+        if target is None and not is_conversation(row.get(cfg.data.prompt_column)):
+            completion_of(row, cfg, i)
 
 
 def encode_row(tokenizer: Any, row: dict[str, Any], cfg: Config, index: int) -> tuple:
@@ -159,4 +169,5 @@ def build_sft(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> SFT:
     if cfg.env.name is not None:
         return SFT(cfg, tokenizer, transcript_rows(cfg))
     train, _ = load_train_eval_rows(cfg)
+    check_rows(train, cfg)
     return SFT(cfg, tokenizer, train)

@@ -7,6 +7,7 @@ would be valid.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def validate(cfg: Config) -> None:
     for i, rw in enumerate(cfg.rewards):
         _check(rw.weight == rw.weight, f"rewards[{i}].weight must be a number")
     _check(cfg.eval.k >= 1, "eval.k must be >= 1")
+    _check(cfg.eval.pass_k_max >= 0, "eval.pass_k_max must be >= 0 (0: no pass@k curve)")
+    _check(cfg.eval.run_pass_k_max >= 0, "eval.run_pass_k_max must be >= 0 (0: no pass@k curve)")
     _check(0 < cfg.eval.top_p <= 1, "eval.top_p must be in (0, 1]")
     _validate_stages_resampling(cfg)
     _validate_data_format(cfg)
@@ -98,11 +101,51 @@ def validate(cfg: Config) -> None:
     _validate_env(cfg)
     _validate_turn_credit(cfg)
     _validate_lora_deepspeed(cfg)
-    if cfg.model.path != "tiny" and Path(cfg.model.path).anchor == "/":
+    _validate_paths(cfg)
+
+
+def _check_model_dir(path: str | None, what: str) -> None:
+    """A local model directory (a path that exists, or starts with /, . or ~) holds config.json;
+    anything else is left to the loader as a hub name."""
+    if path is None or (what == "model.path" and path == "tiny"):
+        return
+    p = Path(path).expanduser()
+    if not p.exists() and not path.startswith(("/", ".", "~")):
+        return
+    _check(
+        p.exists(),
+        f"{what}: directory {path} does not exist (use a local model directory, a hub name"
+        + (", or 'tiny' for the built-in model)" if what == "model.path" else ")"),
+    )
+    _check(p.is_dir(), f"{what}: {path} is a file; expected a model directory (with config.json)")
+    _check(
+        (p / "config.json").is_file(),
+        f"{what}: {path} has no config.json; expected a directory written by save_pretrained "
+        "(or `posttrain make-tiny`)",
+    )
+    try:
+        json.loads((p / "config.json").read_text())
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"{what}: {p / 'config.json'} is not valid JSON ({err})") from None
+
+
+def _validate_paths(cfg: Config) -> None:
+    """Files and directories a run reads or writes: model dirs, the output dir, `train.resume`."""
+    _check_model_dir(cfg.model.path, "model.path")
+    _check_model_dir(cfg.model.ref_path, "model.ref_path")
+    out, resume = Path(cfg.train.output_dir), cfg.train.resume
+    _check(
+        out.is_dir() or not out.exists(),
+        f"train.output_dir: {out} is a file; name a directory (a new one, or an earlier run's)",
+    )
+    if resume not in (None, "auto"):
+        from posttrain.runtime.checkpoint import STATE_FILE
+
         _check(
-            Path(cfg.model.path).is_dir(),
-            f"model.path: directory {cfg.model.path} does not exist (use 'tiny' for the "
-            "built-in model, a local directory or a hub name)",
+            (Path(resume) / STATE_FILE).is_file(),
+            f"train.resume: {resume} is not a checkpoint (no {STATE_FILE}); use auto (the "
+            "newest in train.output_dir), null, or a directory such as "
+            "<output_dir>/checkpoints/step-000010",
         )
 
 

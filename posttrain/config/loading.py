@@ -74,6 +74,36 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last, so a
+    second `train:` section would silently drop the first one's keys)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: its keys may be overridden here
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                continue
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"duplicate key '{key}' at line {line}; give each key once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: where (line, column) and what."""
+    mark = getattr(err, "problem_mark", None)
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and start is not None and start != mark:
+        context += f" from line {start.line + 1}, column {start.column + 1}"
+    return f"{where}: {what}" + (f" ({context})" if context else "")
+
+
 def _build(cls: type, data: dict, where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -103,7 +133,14 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.subkey=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"override '{item}': the value is not valid YAML{_yaml_problem(err)}; quote it "
+                "(key='[text') or fix its brackets"
+            ) from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -140,9 +177,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"recipe file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(), Loader=_RecipeLoader) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+            raise ConfigError(f"{p}: not valid YAML{_yaml_problem(err)}") from None
+        except ConfigError as err:
+            raise ConfigError(f"{p}: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     data = _merge(data, parse_overrides(overrides or []))

@@ -348,7 +348,13 @@ class WarmupConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation: greedy accuracy and avg@k over several seeds."""
+    """Held-out evaluation: greedy accuracy and avg@k over several seeds.
+
+    The pass@k curve (k = 1, 2, 4, ... up to K, mean and 95% interval over `seeds`) draws K more
+    samples per problem and seed: K = `pass_k_max` in `posttrain eval`, `run_pass_k_max` in a
+    training run's before/after report (smaller, so that the two extra evaluations stay cheap);
+    0 draws no curve. The periodic `train.eval_every` evaluation never draws it.
+    """
 
     num_problems: int = 200
     k: int = 4
@@ -357,6 +363,8 @@ class EvalConfig:
     top_p: float = 1.0
     max_new_tokens: int | None = None
     reward: str = "exact_answer"
+    pass_k_max: int = 64
+    run_pass_k_max: int = 16
 
 
 @dataclass(frozen=True)

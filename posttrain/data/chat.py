@@ -81,9 +81,11 @@ def encode_prompts(
     for i, prompt in enumerate(prompts):
         ids = _ids(tokenizer, render_prompt(tokenizer, prompt, system_prompt))
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            start = prompt if isinstance(prompt, str) else " ".join(str(m) for m in prompt)
             raise ConfigError(
                 f"prompt row {i} is {len(ids)} tokens after the chat template, more than "
-                f"max_prompt_tokens={max_prompt_tokens}; raise max_prompt_tokens or shorten it"
+                f"data.max_prompt_tokens={max_prompt_tokens} (it starts {start[:40]!r}); raise "
+                "data.max_prompt_tokens, or shorten or drop the row"
             )
         out.append(ids)
     return out

@@ -56,6 +56,7 @@ def load_stage_rows(cfg: Any) -> list[list[dict]]:
                 n=st.train_size if st.train_size is not None else d.train_size,
                 seed=d.seed,
                 task_kwargs=st.task if st.source == ARITHMETIC else None,
+                n_name="train_size" if st.train_size is not None else "data.train_size",
                 **format_kwargs(cfg),
             )
         except ConfigError as err:

@@ -8,7 +8,11 @@ functions. A dataset in its own column names is mapped on load (`data.columns`,
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,65 @@ def _local_format(source: str) -> str | None:
     return LOCAL_FORMATS.get(Path(source).suffix.lower())
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bar and no log records from `datasets` while it reads a local file: a file it
+    cannot read is logged at ERROR and then raised, and the ConfigError says it once."""
+    import datasets
+
+    logger = logging.getLogger("datasets")
+    level, bars = logger.level, not datasets.utils.are_progress_bars_disabled()
+    logger.setLevel(logging.CRITICAL + 1)
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            datasets.utils.enable_progress_bars()
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _json_problem(text: str, suffix: str) -> str | None:
+    """Where a .json/.jsonl text stops being rows of JSON objects (None: it looks fine).
+
+    A .json file is one JSON document (a list of objects, or columns) or JSON Lines; a .jsonl
+    file is one object per line. Lines are 1-based, as an editor shows them.
+    """
+    if suffix == ".json":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as err:
+            first = next((line for line in text.splitlines() if line.strip()), "")
+            if not _is_json(first):  # one document, not JSON Lines
+                return f"not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        else:
+            if isinstance(whole, list):
+                bad = next((i for i, row in enumerate(whole) if not isinstance(row, dict)), None)
+                return None if bad is None else f"item {bad} of the list is not a JSON object"
+            return None if isinstance(whole, dict) else "expected a list of JSON objects"
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            return (
+                f"line {lineno} is not valid JSON (column {err.colno}: {err.msg}); each line "
+                "must be one JSON object"
+            )
+        if not isinstance(row, dict):
+            return f'line {lineno} is not a JSON object ({{"prompt": ...}}): {line[:40]!r}'
+    return None
+
+
 def _load_local(path: Path, builder: str, data_files_split: str) -> list[dict]:
     import datasets
 
@@ -34,10 +97,16 @@ def _load_local(path: Path, builder: str, data_files_split: str) -> list[dict]:
     if path.stat().st_size == 0:
         raise ConfigError(f"data file {str(path)!r} is empty (expected at least one row)")
     try:
-        ds = datasets.load_dataset(
-            builder, data_files={data_files_split: str(path)}, split=data_files_split
-        )
+        with _quiet_datasets():
+            ds = datasets.load_dataset(
+                builder, data_files={data_files_split: str(path)}, split=data_files_split
+            )
     except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+        where = None
+        if builder == "json":  # name the line (datasets names a byte offset or a chunk's row)
+            where = _json_problem(path.read_text(errors="replace"), path.suffix.lower())
+        if where is not None:
+            raise ConfigError(f"data file {str(path)!r}: {where}") from e
         cause = e.__cause__ or e
         raise ConfigError(f"could not read data file {str(path)!r} as {builder}: {cause}") from e
     return ds.to_list()
@@ -88,7 +157,8 @@ def check_prompts(rows: list[dict], prompt_column: str, source: str) -> None:
     columns = list(rows[0].keys())
     if prompt_column not in columns:
         raise ConfigError(
-            f"prompt_column={prompt_column!r} is not a column of {source!r}; available: {columns}"
+            f"data.prompt_column={prompt_column!r} is not a column of {source!r}; available: "
+            f"{', '.join(map(str, columns))} (set data.prompt_column, or data.columns.prompt)"
         )
     empty = [i for i, row in enumerate(rows) if _is_empty(row.get(prompt_column))]
     if empty:
@@ -114,6 +184,7 @@ def load_rows(
     prompt_template: str | None = None,
     chosen_column: str = "chosen",
     rejected_column: str = "rejected",
+    n_name: str = "n",
 ) -> list[dict]:
     """Load rows as a list of dicts, all columns kept.
 
@@ -135,6 +206,7 @@ def load_rows(
         prompt_template: formatted from each row into ``prompt_column`` (`data.prompt_template`).
         chosen_column, rejected_column: preference columns; rows without ``prompt_column``
             whose two are message lists get their shared messages as the prompt.
+        n_name: what messages call ``n`` (the config key that set it, e.g. `data.train_size`).
 
     Returns:
         The rows.
@@ -152,10 +224,12 @@ def load_rows(
         "rejected_column": rejected_column,
     }
     if n is not None and (not isinstance(n, int) or n < 0):
-        raise ConfigError(f"n={n!r} is not valid; use an integer >= 0 or None for all rows")
+        raise ConfigError(f"{n_name}={n!r} is not valid; use an integer >= 0 or null for all rows")
     if source == ARITHMETIC:
         if n is None:
-            raise ConfigError("n is required for source 'arithmetic' (number of rows to generate)")
+            raise ConfigError(
+                f"{n_name} is required for source 'arithmetic' (number of rows to generate)"
+            )
         rows = arithmetic.make_split(split, n, seed, **(task_kwargs or {}))
         rows = apply_format(rows, source=source, **fmt)
         check_prompts(rows, prompt_column, source)
@@ -169,10 +243,18 @@ def load_rows(
         rows = _load_named(source, split)
     rows = apply_format(rows, source=source, **fmt)
     check_prompts(rows, prompt_column, source)
+    return _draw(rows, n, seed, source, n_name)
+
+
+def _draw(rows: list[dict], n: int | None, seed: int, source: str, n_name: str) -> list[dict]:
+    """`n` of the rows by a shuffle seeded with `seed` (all of them, in order, for None)."""
     if n is None:
         return rows
     if n > len(rows):
-        raise ConfigError(f"n={n} exceeds the {len(rows)} rows of {source!r}; use n <= {len(rows)}")
+        raise ConfigError(
+            f"{n_name}={n} exceeds the {len(rows)} rows of {source!r}; use {n_name} <= "
+            f"{len(rows)}" + (" or null (all rows)" if n_name.endswith("train_size") else "")
+        )
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return [rows[i] for i in order[:n]]

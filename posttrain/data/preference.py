@@ -296,12 +296,14 @@ def build_pairs(
     encoded, too_long = encode_pairs(
         tokenizer, pairs, max_length=max_length, system_prompt=system_prompt
     )
-    dropped = handle_bad_rows(sorted(bad + too_long), bad_rows, section, split)
-    if not encoded and rows:
+    bad = sorted(bad + too_long)
+    if not encoded and rows and bad_rows == "drop":  # one error, not a warning about the drop
+        shown = "; ".join(f"row {i}: {why}" for i, why in bad[:3])
         raise ConfigError(
-            f"{section}: none of the {len(rows)} {split} rows is a usable preference pair"
+            f"{section}: none of the {len(rows)} {split} rows is a usable preference pair "
+            f"({shown}{' ...' if len(bad) > 3 else ''})"
         )
-    return encoded, dropped
+    return encoded, handle_bad_rows(bad, bad_rows, section, split)
 
 
 def _pad(seqs: Sequence[Sequence[float]], value: float, dtype: torch.dtype) -> torch.Tensor:

@@ -29,6 +29,7 @@ def load_train_eval_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
         n=d.train_size,
         seed=d.seed,
         task_kwargs=d.task if d.source == "arithmetic" else None,
+        n_name="data.train_size",
         **format_kwargs(cfg),
     )
     return train, load_eval_rows(cfg)
@@ -47,5 +48,6 @@ def load_eval_rows(cfg: Config) -> list[dict]:
         n=d.eval_size,
         seed=d.seed,
         task_kwargs=d.task if eval_source == "arithmetic" else None,
+        n_name="data.eval_size",
         **format_kwargs(cfg),
     )

@@ -1,11 +1,15 @@
-"""`posttrain eval MODEL [RECIPE] [key=value ...]`: score a model on a recipe's held-out set.
+"""`posttrain eval MODEL [RECIPE] [key=value ...] [--before MODEL0]`: score a model on a recipe's
+held-out set.
 
 Follows "A Sober Look at Progress in Language Model Reasoning" (Hochlehnert et al., 2025): greedy
 accuracy; avg@k repeated over several seeds and reported as mean, std and 95% t-interval across
 seeds; unbiased pass@k from all S x k samples of each problem. The decoding settings, seeds, k,
 the chat template's SHA-256 with one rendered prompt, the model and the dataset are written next
 to every result. Generation and scoring are `posttrain.eval.evaluate.evaluate_details`, the code
-that produces the before/after numbers of a training run.
+that produces the before/after numbers of a training run. With `eval.pass_k_max` = K > 0 it also
+draws K more samples per problem and seed for the pass@k curve (`posttrain.eval.pass_curve`);
+`--before MODEL0` evaluates MODEL0 the same way first, draws both curves in one PNG and counts
+the problems solved after but never before, and the reverse.
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import Config, load_config, replace
-from posttrain.eval.evaluate import EvalDetails, eval_settings, evaluate_details, summarize
+from posttrain.eval import pass_curve
+from posttrain.eval.evaluate import (
+    EvalDetails,
+    eval_settings,
+    evaluate_details,
+    pass_counts,
+    summarize,
+)
 from posttrain.eval.statistics import mean_pass_at_k, seed_stats
 
 
@@ -47,7 +58,12 @@ def _dataset(cfg: Config, n_problems: int) -> dict[str, Any]:
 
 
 def build_report(
-    details: EvalDetails, cfg: Config, model: str, tokenizer: Any, rows: list[dict]
+    details: EvalDetails,
+    cfg: Config,
+    model: str,
+    tokenizer: Any,
+    rows: list[dict],
+    curve_counts: list[list[int]] | None = None,
 ) -> dict[str, Any]:
     """The JSON document: every result with its decoding settings, seeds, template and data.
 
@@ -57,6 +73,8 @@ def build_report(
         model: the model path or hub name.
         tokenizer: the model's tokenizer (chat template).
         rows: the evaluated rows (P of them).
+        curve_counts: [S][P] correct samples among `eval.pass_k_max` per problem and seed, for
+            the `pass_at_k_curve` entry; None leaves it out.
     """
     settings = eval_settings(cfg, tokenizer, rows[0][cfg.data.prompt_column])
     common = {
@@ -98,7 +116,7 @@ def build_report(
             "value": mean_pass_at_k(n, counts, kk),
             "settings": {**pooled, "k": kk, **common},
         }
-    return {
+    report = {
         "model": model,
         "dataset": common["dataset"],
         "chat_template": getattr(tokenizer, "chat_template", None),
@@ -106,13 +124,33 @@ def build_report(
         "metrics": summarize(details),
         "settings": settings,
     }
+    if curve_counts is not None:
+        how = {k: v for k, v in sampled.items() if k not in ("seeds", "k")}
+        report["pass_at_k_curve"] = pass_curve.curve_doc(
+            curve_counts, cfg.eval.pass_k_max, seeds, {**how, **common}
+        )
+    return report
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """A small text table of the report's results."""
+    """A small text table of the report's results; with a `before` report, its table first,
+    then both pass@k curves and the solved-after/before counts."""
+    lines = []
+    if "before" in report:
+        lines += [_results_table(report["before"], "(before) "), ""]
+    lines.append(_results_table(report, "(after) " if "before" in report else ""))
+    curves = _curves(report)
+    if curves:
+        lines += pass_curve.format_lines(curves, report.get("pass_at_k_solved"))
+    if "pass_at_k_png" in report:
+        lines.append(f"  pass@k curves: {report['pass_at_k_png']}")
+    return "\n".join(lines)
+
+
+def _results_table(report: dict[str, Any], label: str = "") -> str:
     data = report["dataset"]
     lines = [
-        f"[posttrain] eval {report['model']} on {data['source']} ({data['split']}, "
+        f"[posttrain] eval {label}{report['model']} on {data['source']} ({data['split']}, "
         f"{data['num_problems']} problems)",
         f"  {'metric':<12}{'value':>8}{'std':>8}   {'95% CI':<18}settings",
     ]
@@ -132,33 +170,98 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def run_eval(
-    model: str, recipe: str | None, overrides: list[str], out: str | Path
+    model: str,
+    recipe: str | None,
+    overrides: list[str],
+    out: str | Path,
+    before: str | None = None,
+    png: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Load the config and model, evaluate, write the JSON report to `out`; returns the report.
+    """Load the config and model(s), evaluate, write the JSON report to `out`; returns the report.
+
+    Args:
+        model: the model to evaluate (a directory or hub name).
+        recipe, overrides: the config.
+        out: the JSON report's path.
+        before: a second model evaluated the same way first (e.g. the one training started
+            from); the report then holds it under `before`, the solved-after/before counts under
+            `pass_at_k_solved`, and the PNG draws both curves.
+        png: where the pass@k PNG goes (default: `<out stem>.pass_at_k.png` next to `out`);
+            drawn when `eval.pass_k_max` > 0.
 
     Raises:
         ConfigError: unknown key, bad value, missing model directory, data that does not load.
     """
-    from posttrain.models import load_tokenizer, resolve_model_path
+    from posttrain.errors import ConfigError
+    from posttrain.models import resolve_model_path
 
     cfg = load_config(recipe, overrides)
     path = resolve_model_path(model, "checkpoint")
-    cfg = replace(cfg, model={"path": path})
+    before_path = resolve_model_path(before, "checkpoint") if before else None
     from posttrain.data.splits import load_eval_rows
+
+    rows = load_eval_rows(replace(cfg, model={"path": path}))[: cfg.eval.num_problems]
+    if not rows:
+        raise ConfigError("eval.num_problems is 0 or the held-out set is empty: nothing to score")
+    # the model before first: its engine is shut down before the next one starts
+    first = _evaluate_model(cfg, before_path, rows, close=True) if before_path else None
+    report = _evaluate_model(cfg, path, rows)
+    if first is not None:
+        report["before"] = first
+    curves = _curves(report)
+    if len(curves) == 2:
+        report["pass_at_k_solved"] = pass_curve.compare(curves["before"], curves["after"])
+    out = Path(out)
+    if curves:
+        png = Path(png) if png else out.with_name(f"{out.stem}.{pass_curve.PNG_NAME}")
+        title, solved = _png_title(report), report.get("pass_at_k_solved")
+        report["pass_at_k_png"] = str(pass_curve.plot(curves, png, title=title, solved=solved))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _curves(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """label -> pass@k curve document: "before" and "after" with `--before`, else "model"."""
+    curves = {}
+    if "pass_at_k_curve" in report.get("before", {}):
+        curves["before"] = report["before"]["pass_at_k_curve"]
+    if "pass_at_k_curve" in report:
+        curves["after" if curves else "model"] = report["pass_at_k_curve"]
+    return curves
+
+
+def _png_title(report: dict[str, Any]) -> str:
+    title = f"{report['dataset']['source']}: {Path(report['model']).name}"
+    if "before" in report:
+        title += f" vs {Path(report['before']['model']).name}"
+    return title
+
+
+def _evaluate_model(
+    cfg: Config, path: str, rows: list[dict], close: bool = False
+) -> dict[str, Any]:
+    """Evaluate one model (greedy, avg@k, the pass@k curve's counts) and build its report.
+
+    Args:
+        cfg: the config (its `model.path` is replaced by `path`).
+        path: the resolved model path.
+        rows: the held-out rows to score.
+        close: shut the engine down afterwards (another model is evaluated in this process).
+    """
+    from posttrain.models import load_tokenizer
     from posttrain.rollout.factory import make_rollout_engine
 
-    rows = load_eval_rows(cfg)[: cfg.eval.num_problems]
+    cfg = replace(cfg, model={"path": path})
     tokenizer = load_tokenizer(path)
     max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
     engine_cfg = replace(cfg, rollout={"max_new_tokens": max(max_new, cfg.rollout.max_new_tokens)})
     engine = make_rollout_engine(engine_cfg, path, tokenizer)
-    details = evaluate_details(engine, tokenizer, rows, cfg)
-    if details is None:
-        from posttrain.errors import ConfigError
-
-        raise ConfigError("eval.num_problems is 0 or the held-out set is empty: nothing to score")
-    report = build_report(details, cfg, path, tokenizer, rows)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    return report
+    try:
+        details = evaluate_details(engine, tokenizer, rows, cfg)
+        assert details is not None  # rows is not empty
+        counts = pass_counts(engine, tokenizer, rows, cfg, cfg.eval.pass_k_max)
+    finally:
+        if close and hasattr(engine, "close"):
+            engine.close()
+    return build_report(details, cfg, path, tokenizer, rows, counts)

@@ -69,24 +69,60 @@ def evaluate_details(
     rows = rows[: ev.num_problems]
     if not rows:
         return None
-    ids = encode_prompts(
-        tokenizer,
-        [r[cfg.data.prompt_column] for r in rows],
-        cfg.data.system_prompt,
-        cfg.data.max_prompt_tokens,
-    )
+    ids = _prompt_ids(tokenizer, rows, cfg)
     max_new = ev.max_new_tokens or cfg.rollout.max_new_tokens
     greedy = engine.generate(ids, SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new))
     greedy_correct = _correct(cfg, rows, [r.text for r in greedy], 1)
-    sampled = []
-    for seed in ev.seeds:
-        sampling = SamplingConfig(
-            n=ev.k, temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=max_new, seed=seed
-        )
-        outs = engine.generate(ids, sampling)
-        correct = _correct(cfg, rows, [r.text for r in outs], ev.k)
-        sampled.append([correct[i * ev.k : (i + 1) * ev.k] for i in range(len(rows))])
+    sampled = [_sampled(engine, ids, rows, cfg, ev.k, seed) for seed in ev.seeds]
     return EvalDetails(greedy_correct, sampled, list(ev.seeds), ev.k)
+
+
+def _prompt_ids(tokenizer: Any, rows: list[dict], cfg: Config) -> list[list[int]]:
+    prompts = [r[cfg.data.prompt_column] for r in rows]
+    return encode_prompts(tokenizer, prompts, cfg.data.system_prompt, cfg.data.max_prompt_tokens)
+
+
+def _sampled(
+    engine: Any, ids: list[list[int]], rows: list[dict], cfg: Config, n: int, seed: int
+) -> list[list[float]]:
+    """[P][n] correctness of n samples per problem at `eval.temperature`/`eval.top_p`."""
+    ev = cfg.eval
+    sampling = SamplingConfig(
+        n=n,
+        temperature=ev.temperature,
+        top_p=ev.top_p,
+        max_new_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens,
+        seed=seed,
+    )
+    correct = _correct(cfg, rows, [r.text for r in engine.generate(ids, sampling)], n)
+    return [correct[i * n : (i + 1) * n] for i in range(len(rows))]
+
+
+def pass_counts(
+    engine: Any, tokenizer: Any, rows: list[dict], cfg: Config, n: int
+) -> list[list[int]] | None:
+    """Correct samples among n per problem and seed: the data of a pass@k curve (k <= n).
+
+    Draws n samples of each of the first `eval.num_problems` rows for every seed in `eval.seeds`
+    (`eval.temperature`, `eval.top_p`, `eval.max_new_tokens`), separately from the avg@k samples.
+
+    Args:
+        engine: a RolloutEngine holding the weights to evaluate.
+        tokenizer: its tokenizer (chat template).
+        rows: held-out rows (prompt column + the `eval.reward` columns).
+        cfg: the run config.
+        n: samples per problem per seed.
+
+    Returns:
+        [S][P] correct counts (each in [0, n]); None without rows or seeds, or with n < 1.
+    """
+    rows = rows[: cfg.eval.num_problems]
+    if not rows or n < 1 or not cfg.eval.seeds:
+        return None
+    ids = _prompt_ids(tokenizer, rows, cfg)
+    return [
+        [int(sum(p)) for p in _sampled(engine, ids, rows, cfg, n, seed)] for seed in cfg.eval.seeds
+    ]
 
 
 def summarize(details: EvalDetails) -> dict[str, float]:

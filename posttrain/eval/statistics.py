@@ -1,4 +1,5 @@
-"""Evaluation statistics: unbiased pass@k and avg@k across seeds with a 95% CI."""
+"""Evaluation statistics: unbiased pass@k and its curve over k, avg@k across seeds with a 95%
+CI, and the problems solved after but never before training."""
 
 from __future__ import annotations
 
@@ -123,3 +124,108 @@ def avg_at_k(correct: Sequence | torch.Tensor) -> SeedStats:
         raise ValueError(f"avg_at_k needs a non-empty [S, P, K] array, got shape {tuple(t.shape)}")
     per_seed = t.mean(dim=(1, 2)).tolist()
     return seed_stats(per_seed)
+
+
+def curve_ks(k_max: int) -> list[int]:
+    """The k of a pass@k curve: 1, 2, 4, ... (powers of two) up to `k_max`, then `k_max` itself
+    when it is not a power of two.
+
+    Args:
+        k_max: the largest k (>= 1), the samples drawn per problem.
+
+    Returns:
+        Increasing k values, e.g. 1, 2, 4, 8 for 8 and 1, 2, 4, 8, 12 for 12.
+    """
+    if k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    ks = [1 << i for i in range(k_max.bit_length()) if 1 << i <= k_max]
+    return ks if ks[-1] == k_max else [*ks, k_max]
+
+
+def pass_at_k_curve(n: int, correct_counts: Sequence[int], ks: Sequence[int]) -> list[float]:
+    """Mean unbiased pass@k over problems for every k, all from the same n samples per problem.
+
+    Args:
+        n: samples drawn per problem.
+        correct_counts: [P] correct samples of each problem (0 <= c <= n).
+        ks: [K] values of k, each in [1, n].
+
+    Returns:
+        [K] mean over problems of 1 - C(n - c, k) / C(n, k) (0.0 for each k without problems).
+    """
+    return [mean_pass_at_k(n, correct_counts, k) for k in ks]
+
+
+@dataclass(frozen=True)
+class CurveStats:
+    """A pass@k curve measured once per seed, and its mean and 95% t-interval over seeds.
+
+    Attributes:
+        ks: [K] values of k.
+        per_seed: [S][K] the curve of each seed.
+        stats: [K] SeedStats over the S per-seed values at each k (nan std and CI for S = 1).
+    """
+
+    ks: list[int]
+    per_seed: list[list[float]]
+    stats: list[SeedStats]
+
+
+def curve_over_seeds(n: int, counts: Sequence[Sequence[int]], ks: Sequence[int]) -> CurveStats:
+    """The pass@k curve of each seed's n samples, then mean and 95% t-interval across seeds.
+
+    Args:
+        n: samples per problem per seed.
+        counts: [S][P] correct samples of each problem among that seed's n.
+        ks: [K] values of k, each in [1, n].
+
+    Returns:
+        CurveStats: per-seed curves [S][K] and `seed_stats` of each column.
+    """
+    if not counts:
+        raise ValueError("curve_over_seeds needs at least one seed")
+    per_seed = [pass_at_k_curve(n, c, ks) for c in counts]
+    stats = [seed_stats([curve[j] for curve in per_seed]) for j in range(len(ks))]
+    return CurveStats(list(ks), per_seed, stats)
+
+
+def total_counts(counts: Sequence[Sequence[int]]) -> list[int]:
+    """[S][P] correct counts per seed -> [P] correct counts over all seeds' samples."""
+    if not counts:
+        return []
+    return [sum(col) for col in zip(*counts, strict=True)]
+
+
+@dataclass(frozen=True)
+class SolvedSets:
+    """Which problems two evaluations solve, a problem being solved when any sample is correct.
+
+    Attributes:
+        gained: indices solved after but never before (c_after > 0, c_before = 0).
+        lost: indices solved before but never after (c_before > 0, c_after = 0).
+        both: problems solved by both.
+        neither: problems solved by neither.
+    """
+
+    gained: list[int]
+    lost: list[int]
+    both: int
+    neither: int
+
+
+def solved_sets(before: Sequence[int], after: Sequence[int]) -> SolvedSets:
+    """Compare the problems solved before and after training.
+
+    Args:
+        before: [P] correct samples of each problem before (over all its samples).
+        after: [P] the same after, for the same problems in the same order.
+
+    Returns:
+        SolvedSets: gained and lost problem indices, and the counts solved by both and neither.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"before and after differ in length: {len(before)} vs {len(after)}")
+    gained = [i for i, (b, a) in enumerate(zip(before, after, strict=True)) if a > 0 and b == 0]
+    lost = [i for i, (b, a) in enumerate(zip(before, after, strict=True)) if b > 0 and a == 0]
+    both = sum(1 for b, a in zip(before, after, strict=True) if a > 0 and b > 0)
+    return SolvedSets(gained, lost, both, len(before) - len(gained) - len(lost) - both)

@@ -58,7 +58,11 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """Load a tokenizer with AutoTokenizer; pad token falls back to EOS when missing."""
+    """Load a tokenizer with AutoTokenizer; pad token falls back to EOS when missing.
+
+    Raises:
+        ConfigError: a bad path, a tokenizer that does not load, or one without pad and EOS tokens.
+    """
     from transformers import AutoTokenizer
 
     name = resolve_model_path(path, "tokenizer path")
@@ -67,6 +71,11 @@ def load_tokenizer(path: str | Path) -> Any:
     except OSError as exc:
         raise ConfigError(f"tokenizer path {name!r} could not be loaded: {exc}") from exc
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(
+                f"tokenizer of {name!r} has no pad token and no EOS token; set eos_token (and "
+                "pad_token) in its tokenizer_config.json, e.g. the token that ends a chat turn"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

@@ -250,6 +250,20 @@ class AsyncRolloutSource:
             )
         return self.source.evaluate()
 
+    def pass_counts(self, n: int) -> list[list[int]] | None:
+        """The pass@k curve's counts (`RolloutSource.pass_counts`), after the queued generations.
+
+        Raises:
+            RuntimeError: the engine does not hold the trainer's weights.
+        """
+        self._wait_all()
+        if int(self.source.weight_version) != self.trainer_version:
+            raise RuntimeError(
+                f"the pass@k curve would use rollout weights version "
+                f"{self.source.weight_version}, not the trainer's {self.trainer_version}"
+            )
+        return self.source.pass_counts(n)
+
     def state_dict(self) -> dict[str, Any]:
         """The source's state, with the prompt position from before the oldest queued batch."""
         self._wait_all()

@@ -223,6 +223,10 @@ class EpisodeSource(RolloutSource):
             out.update(self._sampled_eval(rows, self.cfg.eval.k))
         return out
 
+    def pass_counts(self, n: int) -> list[list[int]] | None:
+        """None: the pass@k curve scores single-turn answers, not multi-turn episodes."""
+        return None
+
     def _sampled_eval(self, rows: list[dict[str, Any]], k: int) -> dict[str, float]:
         """k episodes per held-out task at `eval.temperature` (seed `eval.seeds[0]`): the policy's
         success as it samples (`eval/avg@k`) and the share of tasks solved at least once."""

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from posttrain.config import Config
+from posttrain.data.chat import encode_prompts, render_prompt
 from posttrain.data.curriculum import load_stage_rows
 from posttrain.data.splits import load_train_eval_rows
 from posttrain.envs.runs import env_factory, env_rows
@@ -28,7 +29,7 @@ from posttrain.rollout.sharded import (
 )
 from posttrain.rollout.source import RolloutSource, SampleSource
 from posttrain.runtime import distributed as dist
-from rewards.registry import TOKEN_ENTROPY
+from rewards.registry import TOKEN_ENTROPY, RewardConfigError, get_reward
 from rewards.startup import validate_rewards
 
 
@@ -44,6 +45,35 @@ def check_rewards(cfg: Config, rows: list[dict]) -> None:
         validate_rewards(cfg.rewards, columns, model_columns=supplied)
     except ValueError as err:
         raise ConfigError(f"rewards: {err}") from None
+
+
+def check_prompts(cfg: Config, tokenizer: Any, train: list[list[dict]], held: list[dict]) -> None:
+    """Fail before training on a prompt longer than `data.max_prompt_tokens` (not at the step
+    that first draws it), and on an `eval.reward` that is not a registered reward.
+
+    Args:
+        train: the training rows (one list per curriculum stage).
+        held: the held-out rows (the first `eval.num_problems` are evaluated).
+    """
+    render_prompt(tokenizer, "1+1")  # a tokenizer without a chat template: its own error
+    col = cfg.data.prompt_column
+    named = [("training data", rows) for rows in train]
+    named.append(("held-out data", held[: cfg.eval.num_problems]))
+    for what, rows in named:
+        try:
+            encode_prompts(
+                tokenizer,
+                [r[col] for r in rows],
+                cfg.data.system_prompt,
+                cfg.data.max_prompt_tokens,
+            )
+        except ConfigError as err:
+            raise ConfigError(f"{what}: {err}") from None
+    if cfg.eval.num_problems > 0 or cfg.rollout.history_resampling:
+        try:
+            get_reward(cfg.eval.reward)
+        except (RewardConfigError, ImportError) as err:
+            raise ConfigError(f"eval.reward: {err}") from None
 
 
 def make_rollout_engine(cfg: Config, model_path: str, tokenizer: Any) -> Any:
@@ -159,6 +189,7 @@ def make_rollout_source(cfg: Config, model_path: str, tokenizer: Any) -> SampleS
     stages = load_stage_rows(cfg)  # SRPO curriculum: [] without data.stages
     for rows in stages or [train]:
         check_rewards(cfg, rows)
+    check_prompts(cfg, tokenizer, stages or [train], held)
     rollout = make_rollout_engine(cfg, model_path, tokenizer)
     source = RolloutSource(cfg, tokenizer, rollout, train, held, stages)
     if cfg.rollout.max_staleness > 0:  # generate step n+1 while step n trains

@@ -20,7 +20,7 @@ from posttrain.data.chat import encode_prompts
 from posttrain.data.curriculum import PromptSchedule, load_stage_rows
 from posttrain.data.tensors import pad_right
 from posttrain.errors import ConfigError
-from posttrain.eval.evaluate import evaluate
+from posttrain.eval.evaluate import evaluate, pass_counts
 from posttrain.models.forward import policy_token_stats
 from posttrain.rollout.engine import Rollout, SamplingConfig
 from posttrain.runtime import distributed as dist
@@ -111,6 +111,10 @@ class SampleSource(Protocol):
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics with the engine's current weights."""
+        ...
+
+    def pass_counts(self, n: int) -> list[list[int]] | None:
+        """[S][P] correct samples among n per held-out problem and seed (the pass@k curve)."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -291,6 +295,10 @@ class RolloutSource:
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy (greedy and avg@k) with the engine's current weights."""
         return evaluate(self.engine, self.tokenizer, self.eval_rows, self.cfg)
+
+    def pass_counts(self, n: int) -> list[list[int]] | None:
+        """[S][P] correct samples among n per held-out problem and seed, current weights."""
+        return pass_counts(self.engine, self.tokenizer, self.eval_rows, self.cfg, n)
 
     def state_dict(self) -> dict[str, Any]:
         """Resumable position."""

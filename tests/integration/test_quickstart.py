@@ -56,7 +56,17 @@ def test_quickstart_cli_reduced(tmp_path):
     assert f"curves: {out / 'curves.png'}" in proc.stdout
     assert f"checkpoint: {out / 'checkpoints' / 'final'}" in proc.stdout
     result = json.loads((out / "eval.json").read_text())
-    assert set(result) == {"before", "after", "settings"}
+    assert set(result) == {"before", "after", "settings", "pass_at_k"}
+    # the pass@k curves: eval.run_pass_k_max (16) samples per problem and seed, before and after
+    curves = result["pass_at_k"]
+    assert curves["before"]["k"] == curves["after"]["k"] == [1, 2, 4, 8, 16]
+    assert curves["after"]["seeds"] == [0, 1] and curves["after"]["num_problems"] == 16
+    assert (out / "pass_at_k.png").is_file() and curves["png"] == str(out / "pass_at_k.png")
+    solved = curves["solved"]
+    assert (
+        f"solved after but never before: {solved['solved_after_not_before']}; "
+        f"before but never after: {solved['solved_before_not_after']}"
+    ) in proc.stdout
     settings = result["settings"]
     assert settings["seeds"] == [0, 1] and settings["k"] == 4 and settings["num_problems"] == 16
     k, n_problems, n_seeds = 4, 16, 2

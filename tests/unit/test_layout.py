@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     # pure math and the built-in synthetic task: no config, no I/O
     (
         "posttrain.losses",
+        "posttrain.off_policy",
         "posttrain.advantages",
         "posttrain.turn_credit",
         "posttrain.data.arithmetic",
