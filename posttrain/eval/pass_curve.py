@@ -11,13 +11,13 @@ document, text lines and the PNG used by `posttrain eval` and a training run's f
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from posttrain.config import Config
 from posttrain.eval.statistics import curve_ks, curve_over_seeds, solved_sets, total_counts
+from posttrain.runtime.logging import save_figure
 
 ESTIMATOR = "unbiased 1-C(n-c,k)/C(n,k) per seed; mean and 95% t-interval across seeds"
 PNG_NAME = "pass_at_k.png"
@@ -187,12 +187,4 @@ def plot(
     ax.legend(loc="lower right")
     if title:
         ax.set_title(title, fontsize=10)
-    out = Path(png_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return save_figure(fig, png_path)

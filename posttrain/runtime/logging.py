@@ -242,6 +242,12 @@ def plot_curves(
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, png_path)
+
+
+def save_figure(fig: Any, png_path: str | Path) -> Path:
+    """Write a matplotlib Figure as a PNG atomically (a temporary file, then a rename), so a
+    reader never sees half an image; the parent directory is made if needed."""
     out = Path(png_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
