@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from posttrain.errors import ConfigError, RolloutError
+from posttrain.errors import ConfigError, NumericalError, PreemptedError, RolloutError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -196,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RolloutError as err:  # the run stopped cleanly with a resumable checkpoint
         print(f"posttrain: rollout failed: {err}", file=sys.stderr)
+        return 1
+    except PreemptedError:  # SIGTERM during the warm-up: its checkpoint and line are written
+        return 0
+    except NumericalError as err:  # stopped on non-finite steps, with a resumable checkpoint
+        print(f"posttrain: training stopped: {err}", file=sys.stderr)
         return 1
 
 

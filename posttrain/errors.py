@@ -1,4 +1,4 @@
-"""The two errors a run ends with on purpose, and the "did you mean" helper for their messages."""
+"""The errors a run ends with on purpose, and the "did you mean" helper for their messages."""
 
 from __future__ import annotations
 
@@ -13,6 +13,18 @@ class RolloutError(RuntimeError):
     """The rollout engine failed mid-run (server down or restarting, timeout, lost weights).
 
     The trainer saves a resumable checkpoint before letting it end the run.
+    """
+
+
+class PreemptedError(Exception):
+    """SIGTERM ended the run before its Trainer was built (during the SFT warm-up), after the
+    warm-up saved a checkpoint; the command line ends with status 0."""
+
+
+class NumericalError(RuntimeError):
+    """More steps in a row than `train.max_bad_steps` had a NaN or inf loss or gradient.
+
+    The trainer saves the checkpoint from before the first of them before ending the run.
     """
 
 

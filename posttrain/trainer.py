@@ -8,6 +8,9 @@
         engine.step()                            # clip, AdamW, schedule
     algorithm.after_step()                       # e.g. push weights into vLLM
 
+A NaN/inf loss or gradient skips its update (runtime/numerics.py); SIGTERM ends the run with a
+checkpoint and exit status 0 (runtime/preemption.py).
+
 Loss shares are divided by the batch's global (whole-step, all-rank) denominators, so micro-batch
 1 x 8 and 8 x 1 and 2 ranks x 4 give the same gradient. What the loop knows of an algorithm is its
 registry entry (`algorithms.AlgorithmSpec`) and the `Algorithm` protocol (algorithms/base.py).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,7 @@ from posttrain.algorithms.base import (
     reduce_shares,
 )
 from posttrain.config import Config, to_dict, warmup_config
-from posttrain.errors import ConfigError, RolloutError
+from posttrain.errors import ConfigError, NumericalError, PreemptedError, RolloutError
 from posttrain.eval.evaluate import eval_settings
 from posttrain.eval.pass_curve import run_curves
 from posttrain.eval.report import RunResult, finish
@@ -42,6 +46,15 @@ from posttrain.rollout.vllm_local import close_live_engines
 from posttrain.runtime import checkpoint, dsconfig, rundir
 from posttrain.runtime import distributed as dist
 from posttrain.runtime.logging import RunLogger, progress
+from posttrain.runtime.numerics import (
+    BadStep,
+    BadSteps,
+    GradientCheck,
+    data_position,
+    describe_rows,
+    update_suppressed,
+)
+from posttrain.runtime.preemption import Preemption
 from posttrain.runtime.watchdog import Watchdog
 
 
@@ -126,6 +139,21 @@ class Trainer:
         self.pass_before: list[list[int]] | None = None
         self.pass_after: list[list[int]] | None = None
         self.final_checkpoint: Path | None = None
+        t = config.train
+        # SIGTERM: a checkpoint and exit status 0 within train.preempt_grace_s
+        self.preemption = Preemption(t.preempt_grace_s)
+        self.preempted: Path | None = None  # the checkpoint a preemption ended the run with
+        self.continue_hint: str | None = None  # how to continue it (default: train.resume=)
+        # a NaN/inf loss or gradient skips its update; too many in a row stop the run
+        self._fp16 = config.model.dtype == "float16"  # overflows: the loss scaler's business
+        self.grad_check = GradientCheck(self.engine.module, grads=not self._fp16)
+        self.bad_steps = BadSteps(t.max_bad_steps, self.out)
+        self._numerics_stop = False
+        # the state noted as a step begins (`_start`), which an abandoned step and a stop on bad
+        # steps save; not with async prefetch, whose state_dict waits for the queued generations
+        self._notes_start = not (self.algorithm.rolls_out and config.rollout.max_staleness > 0)
+        self._start: checkpoint.Snapshot | None = None
+        self._saved: tuple[int, Path] | None = None  # (step, path) of the last periodic save
         # names the loop's phases; ends a rank stuck in one (train.phase_timeout_s)
         self.watchdog = Watchdog(
             config.train.phase_timeout_s,
@@ -147,7 +175,11 @@ class Trainer:
         out = self.out / "sft-warmup"
         final = out / "checkpoints" / "final"
         if not (final / checkpoint.STATE_FILE).is_file():
-            Trainer(warmup_config(cfg, model_path, str(out))).train()
+            warm = Trainer(warmup_config(cfg, model_path, str(out)))
+            warm.continue_hint = "the same command continues the warm-up from it"
+            warm.train()
+            if warm.preempted is not None:  # SIGTERM during the warm-up: end here, exit 0
+                raise PreemptedError(f"SFT warm-up preempted; checkpoint {warm.preempted}")
         return str(final)
 
     def _build_engine(self) -> Any:
@@ -194,13 +226,24 @@ class Trainer:
     # ----------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
         """Trainer state saved in every checkpoint."""
-        return {"step": self.step, "algorithm": self.algorithm.state_dict()}
+        return {
+            "step": self.step,
+            "algorithm": self.algorithm.state_dict(),
+            "skipped_steps": self.bad_steps.total,
+        }
 
-    def save(self, name: str | None = None) -> Path:
-        """Write an atomic checkpoint under `<output_dir>/checkpoints/`."""
-        ckpt = self.out / "checkpoints" / (name or f"step-{self.step:06d}")
+    def save(self, name: str | None = None, start: checkpoint.Snapshot | None = None) -> Path:
+        """Write an atomic checkpoint under `<output_dir>/checkpoints/`.
+
+        Args:
+            name: the directory name (default `step-<step>`).
+            start: save this noted state and RNG instead of the current ones: the checkpoint
+                of the boundary it was noted at (the engine must not have changed since).
+        """
+        state, rng = (self.state(), None) if start is None else (start.state, start.rng)
+        ckpt = self.out / "checkpoints" / (name or f"step-{int(state['step']):06d}")
         with self.watchdog.phase("checkpoint save"):
-            return checkpoint.save(ckpt, self.engine, self.tokenizer, self.state())
+            return checkpoint.save(ckpt, self.engine, self.tokenizer, state, rng)
 
     def resume(self, path: str | Path) -> None:
         """Restore a checkpoint (`auto` = the newest one in this run's output dir)."""
@@ -211,39 +254,30 @@ class Trainer:
             path = found
         state = checkpoint.load(Path(path), self.engine)
         self.step = int(state["step"])
+        self.bad_steps.total = int(state.get("skipped_steps", 0))
         self.algorithm.load_state_dict(state["algorithm"])
         self.algorithm.after_step(self.engine, self.step)
 
     # ------------------------------------------------------------------ loop
-    def train_step(self) -> dict[str, float]:
-        """One batch: make it, run its updates, sync; returns the step's metrics."""
+    def train_step(self) -> dict[str, float] | None:
+        """One batch: make it, run its updates, sync; returns the step's metrics (None when a
+        preemption abandoned the step: nothing of it was applied)."""
         with self.watchdog.phase("step"):  # the time between the named phases
             return self._train_step()
 
-    def _train_step(self) -> dict[str, float]:
+    def _train_step(self) -> dict[str, float] | None:
         t0 = time.perf_counter()
+        self._start = checkpoint.snapshot(self.state()) if self._notes_start else None
         with self.watchdog.phase("generate" if self.algorithm.rolls_out else "batch"):
             batch = self.algorithm.make_batch(self.step, self.engine)
         t_batch = time.perf_counter()
-        world = dist.world_size()
-        totals: dict[str, float] = {}
-        grad_norms = []
-        for _ in range(batch.updates):
-            with self.watchdog.phase("train"):
-                for mb in batch.micro_batches:
-                    outputs = self.engine(**model_inputs(mb))
-                    loss, shares = self.algorithm.loss(outputs, mb, batch)
-                    self.engine.backward(loss * world, scale_wrt_gas=False)
-                    add_shares(totals, {"loss": float(loss.detach()), **shares})
-                local_norm = self._local_grad_norm()
-                self.engine.step()
-            norm = self.engine.get_global_grad_norm()
-            norm = local_norm if norm is None else norm
-            if norm is not None:
-                grad_norms.append(float(norm))
+        done = self._updates(batch)
+        if done is None:
+            return None
         t_train = time.perf_counter()
-        metrics = reduce_shares(totals, batch.updates)
+        metrics = reduce_shares(done.totals, batch.updates)
         metrics.update(batch.metrics)
+        metrics.update(self._note_numerics(done))
         try:
             with self.watchdog.phase("weight sync"):
                 metrics.update(self.algorithm.after_step(self.engine, self.step + 1))
@@ -251,8 +285,8 @@ class Trainer:
             self.step += 1  # the optimizer step happened; only the push to the engine failed
             raise
         t_end = time.perf_counter()
-        if grad_norms:
-            metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        if done.grad_norms:
+            metrics["grad_norm"] = sum(done.grad_norms) / len(done.grad_norms)
         metrics["lr"] = float(self.engine.get_lr()[0])
         metrics["time/train_s"] = t_train - t_batch
         metrics.update(micro_batch_metrics(batch))
@@ -265,6 +299,68 @@ class Trainer:
         self.step += 1
         return metrics
 
+    def _updates(self, batch: StepBatch) -> _Updates | None:
+        """Run the batch's optimizer updates. None: a preemption abandoned the step, at a safe
+        point before its first update (the engine still holds the last completed step)."""
+        world = dist.world_size()
+        done = _Updates()
+        for update in range(batch.updates):
+            may_abandon = update == 0 and self._start is not None  # alike on every rank
+            with self.watchdog.phase("train"):
+                self.grad_check.start()
+                for mb in batch.micro_batches:
+                    if may_abandon and self.preemption.abandon_requested():
+                        return None
+                    outputs = self.engine(**model_inputs(mb))
+                    loss, shares = self.algorithm.loss(outputs, mb, batch)
+                    self.engine.backward(loss * world, scale_wrt_gas=False)
+                    value = float(loss.detach())
+                    self.grad_check.see_loss(value)
+                    add_shares(done.totals, {"loss": value, **shares})
+                if may_abandon and self.preemption.abandon_requested():
+                    return None
+                local_norm = self._local_grad_norm()
+                self._optimizer_step(done)
+            norm = self.engine.get_global_grad_norm()
+            norm = local_norm if norm is None else norm
+            if norm is not None:
+                done.grad_norms.append(float(norm))
+        return done
+
+    def _optimizer_step(self, done: _Updates) -> None:
+        """`engine.step()`; with its update suppressed (no weight, optimizer or LR change) when
+        any rank saw a NaN/inf loss or gradient in this update or an earlier one of the step."""
+        if not done.skipped:
+            done.loss_bad, done.grad_bad = self.grad_check.agreed()
+        if done.skipped or done.loss_bad or done.grad_bad:
+            with update_suppressed(self.engine):
+                self.engine.step()
+            done.skipped += 1
+        else:
+            self.engine.step()
+            if self.engine.was_step_applied():
+                done.applied += 1
+            elif not self._fp16:  # DeepSpeed found the gradient norm non-finite and skipped it
+                done.skipped += 1
+
+    def _note_numerics(self, done: _Updates) -> dict[str, float]:
+        """Count a bad step (a line on stderr, a row in bad_steps.jsonl) or end a streak of
+        them; the step's `train/skipped` (0/1) and `train/skipped_steps` (the run's total)."""
+        if not done.skipped:
+            self.bad_steps.good()
+        else:
+            before = data_position(self._start.state["algorithm"]) if self._start else []
+            after = data_position(self.algorithm.state_dict())
+            record = BadStep(
+                self.step + 1, done.loss_bad, done.grad_bad, describe_rows(before, after)
+            )
+            record.data_before, record.data_after = before, after
+            self._numerics_stop = self.bad_steps.bad(record, self._start, done.applied)
+        return {
+            "train/skipped": float(done.skipped > 0),
+            "train/skipped_steps": float(self.bad_steps.total),
+        }
+
     def _local_grad_norm(self) -> float | None:
         """Gradient norm before clipping, where DeepSpeed does not report it (ZeRO-0, 1 rank)."""
         if self.cfg.train.zero_stage != 0 or dist.world_size() != 1:
@@ -273,7 +369,14 @@ class Trainer:
         return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
     def train(self) -> list[dict[str, float]]:
-        """Run until `train.steps`; evaluate before and after; returns the per-step metrics."""
+        """Run until `train.steps` (or a preemption); evaluate before and after; returns the
+        per-step metrics.
+
+        Raises:
+            RolloutError: the rollout engine failed (a resumable checkpoint was saved).
+            NumericalError: more than `train.max_bad_steps` non-finite steps in a row (the
+                checkpoint from before the first was saved).
+        """
         with self.watchdog:  # a phase running past train.phase_timeout_s ends the process
             try:
                 return self._train()
@@ -284,52 +387,90 @@ class Trainer:
 
     def _train(self) -> list[dict[str, float]]:
         cfg = self.cfg
-        if cfg.train.resume:
-            with self.watchdog.phase("resume"):
-                self.resume(cfg.train.resume)
-        self._start_step = self.step
-        self.logger = RunLogger(
-            self.out,
-            wandb_mode=cfg.log.wandb,
-            project=cfg.log.project,
-            run_name=cfg.log.run_name,
-            config=to_dict(cfg),
-        )
-        run_eval = cfg.eval.num_problems > 0 and self.algorithm.evaluates
-        if run_eval and self.step == 0:
-            with self.watchdog.phase("eval"):
-                self.eval_before = self.algorithm.evaluate(0)
-            self.logger.log(0, self.eval_before)
-            self.pass_before = self._pass_counts()
-        bar = progress(cfg.train.steps, desc=cfg.train.algorithm) if cfg.log.progress else None
-        if bar is not None:
-            bar.update(self.step)
-        try:
-            while self.step < cfg.train.steps:
-                try:
-                    metrics = self.train_step()
-                except RolloutError as err:
-                    raise self._interrupted(err) from err
-                self._after_metrics(metrics)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(_postfix(metrics), refresh=False)
-            if bar is not None:
-                bar.close()
-                bar = None
-            if run_eval:
+        with self.preemption:  # SIGTERM: a checkpoint and a clean end (runtime/preemption.py)
+            if cfg.train.resume:
+                with self.watchdog.phase("resume"):
+                    self.resume(cfg.train.resume)
+            self._start_step = self.step
+            self.logger = RunLogger(
+                self.out,
+                wandb_mode=cfg.log.wandb,
+                project=cfg.log.project,
+                run_name=cfg.log.run_name,
+                config=to_dict(cfg),
+            )
+            run_eval = cfg.eval.num_problems > 0 and self.algorithm.evaluates
+            if run_eval and self.step == 0:
                 with self.watchdog.phase("eval"):
-                    self.eval_after = self._final_eval()
-                self.pass_after = self._pass_counts()
-            if self.step > 0:
-                self.final_checkpoint = self.save("final")
-        finally:
+                    self.eval_before = self.algorithm.evaluate(0)
+                self.logger.log(0, self.eval_before)
+                self.pass_before = self._pass_counts()
+            bar = progress(cfg.train.steps, desc=cfg.train.algorithm) if cfg.log.progress else None
             if bar is not None:
-                bar.close()
-            self.logger.close()
+                bar.update(self.step)
+            try:
+                if not self._loop(bar):
+                    return self.history  # preempted: checkpoint saved, line printed
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                if run_eval:
+                    with self.watchdog.phase("eval"):
+                        self.eval_after = self._final_eval()
+                    self.pass_after = self._pass_counts()
+                if self.step > 0:
+                    self.final_checkpoint = self.save("final")
+            finally:
+                if bar is not None:
+                    bar.close()
+                self.logger.close()
         if dist.is_main():
             finish(self.result(run_eval))
         return self.history
+
+    def _loop(self, bar: Any) -> bool:
+        """Train up to `train.steps`; False when a preemption ended the run (checkpoint saved)."""
+        while True:
+            if self.preemption.stop_requested():  # at every boundary, the last one included
+                self._preempted(abandoned=False)
+                return False
+            if self.step >= self.cfg.train.steps:
+                return True
+            try:
+                metrics = self.train_step()
+            except RolloutError as err:
+                raise self._interrupted(err) from err
+            if metrics is None:
+                self._preempted(abandoned=True)
+                return False
+            self._after_metrics(metrics)
+            if self._numerics_stop:
+                raise self._stop_on_bad_steps()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(_postfix(metrics), refresh=False)
+
+    def _preempted(self, abandoned: bool) -> None:
+        """Save the checkpoint of the last completed step on every rank; print the line."""
+        if abandoned:  # the engine is unchanged since the abandoned step began
+            path = self.save(f"preempted-step-{self.step:06d}", start=self._start)
+        elif self._saved is not None and self._saved[0] == self.step:
+            path = self._saved[1]  # this very step's periodic checkpoint
+        else:
+            path = self.save(f"preempted-step-{self.step:06d}")
+        self.preempted = path
+        if dist.is_main():
+            print(
+                self.preemption.message(self.step, path, abandoned, self.continue_hint), flush=True
+            )
+
+    def _stop_on_bad_steps(self) -> NumericalError:
+        """Save the checkpoint from before the streak of bad steps (or, where no state was
+        noted at its start, of now); the error that ends the run."""
+        streak, start = self.bad_steps.streak, self.bad_steps.before_streak
+        name = f"before-bad-step-{streak[0].step:06d}" if start else f"bad-step-{self.step:06d}"
+        path = self.save(name, start=start)
+        return NumericalError(self.bad_steps.stop_message(path, pre_state=start is not None))
 
     def result(self, evaluated: bool) -> RunResult:
         """What the run reports at its end (eval.json, the printed table, the PNG)."""
@@ -386,8 +527,20 @@ class Trainer:
         assert self.logger is not None
         self.logger.log(self.step, metrics)
         if cfg.train.save_every and self.step % cfg.train.save_every == 0:
-            self.save()
+            self._saved = (self.step, self.save())
             checkpoint.prune(self.out / "checkpoints", cfg.train.keep_checkpoints)
+
+
+@dataclass
+class _Updates:
+    """What a step's optimizer updates did (`Trainer._updates`)."""
+
+    totals: dict[str, float] = field(default_factory=dict)  # summed metric shares
+    grad_norms: list[float] = field(default_factory=list)
+    applied: int = 0  # updates that changed the weights
+    skipped: int = 0  # updates skipped (non-finite)
+    loss_bad: bool = False  # the last check found a NaN/inf loss on some rank
+    grad_bad: bool = False  # ... or gradient
 
 
 def batch_tokens(batch: StepBatch) -> float:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from posttrain import advantages as adv_fn
-from posttrain import losses, off_policy
+from posttrain import guidance, losses, off_policy
 from posttrain import turn_credit as turn_fn
 from posttrain.algorithms.base import StepBatch, split_micro_batches
 from posttrain.algorithms.online import (
@@ -90,6 +90,8 @@ class GRPO(OnlineAlgorithm):
         t0 = time.perf_counter()
         if self.recompute_old or cfg.kl.coef > 0 or cfg.advantage.entropy_modulation:
             self._add_old_and_ref(t, model)
+        if any(s.hint_prompt_ids is not None for s in flat):  # Guide (same on every rank)
+            self._add_hinted_old(t, seqs, model)
         metrics["time/logprob_s"] = time.perf_counter() - t0
         if cfg.advantage.entropy_modulation and turn_level_em:
             t["adv"] = turn_fn.turn_entropy_modulation(
@@ -142,6 +144,37 @@ class GRPO(OnlineAlgorithm):
         cfg = self.cfg
         size = cfg.train.micro_batch_size_per_device
         t.update(policy_token_stats(model, t, cfg.rollout.temperature, size, self.ref_model))
+
+    def _add_hinted_old(
+        self, t: dict[str, torch.Tensor], seqs: list[Sample], model: torch.nn.Module
+    ) -> None:
+        """Guide: `logp_old` of hinted rows = the step-start policy's log-probs of the sampled
+        tokens in the HINTED context they were sampled in (`guidance.behaviour_logp_old`), so
+        the surrogate's ratio is pi_theta(y | x) / pi_old(y | x, h); other rows keep theirs.
+
+        One no-grad pass over this rank's rows, each in the context it was sampled in (equal
+        row counts on every rank, so ZeRO-3's gathered forwards stay in step).
+        """
+        cfg = self.cfg
+        ctx = [s.hint_prompt_ids or s.rollout.prompt_ids for s in seqs]
+        ids = [c + s.rollout.completion_ids for c, s in zip(ctx, seqs, strict=True)]
+        behaviour = {
+            "input_ids": pad_right(ids, self.source.pad_id, torch.long),
+            "attention_mask": pad_right([[1] * len(x) for x in ids], 0, torch.long),
+        }
+        size = cfg.train.micro_batch_size_per_device
+        src = policy_token_stats(model, behaviour, cfg.rollout.temperature, size)["logp_old"]
+        hinted_old = guidance.realign_completion_logps(
+            src,
+            torch.tensor([len(c) - 1 for c in ctx]),
+            torch.tensor([len(s.rollout.prompt_ids) - 1 for s in seqs]),
+            torch.tensor([len(s.rollout.completion_ids) for s in seqs]),
+            t["mask"].shape[1],
+        )
+        hinted = torch.tensor([s.hint_prompt_ids is not None for s in seqs], dtype=torch.bool)
+        t["logp_old"] = guidance.behaviour_logp_old(
+            t.get("logp_old", hinted_old), hinted_old, hinted
+        )
 
     # ---------------------------------------------------------------- loss
     def loss(

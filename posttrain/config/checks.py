@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+from posttrain.config.guide_checks import validate_guide
 from posttrain.config.schema import CHOICES, Config
 from posttrain.errors import ConfigError, did_you_mean
 
@@ -100,6 +101,7 @@ def validate(cfg: Config) -> None:
     _validate_research_methods(cfg)
     _validate_env(cfg)
     _validate_turn_credit(cfg)
+    validate_guide(cfg)
     _validate_lora_deepspeed(cfg)
     _validate_paths(cfg)
 
@@ -179,6 +181,16 @@ def _validate_train(cfg: Config) -> None:
     _check(t.save_every >= 0, "train.save_every must be >= 0 (steps; 0 = only the final)")
     _check(t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0 (0 = keep all)")
     _check(t.phase_timeout_s >= 0, "train.phase_timeout_s must be >= 0 (seconds; 0 = no limit)")
+    _check(
+        t.preempt_grace_s >= 0,
+        f"train.preempt_grace_s={t.preempt_grace_s} must be >= 0 "
+        "(seconds; 0 = no SIGTERM handling)",
+    )
+    _check(
+        t.max_bad_steps >= 0,
+        f"train.max_bad_steps={t.max_bad_steps} must be >= 0 "
+        "(NaN/inf steps skipped in a row; 0 = stop at the first)",
+    )
     _check(
         not t.offload_optimizer or t.zero_stage >= 1,
         f"train.offload_optimizer needs train.zero_stage 1, 2 or 3 (got {t.zero_stage})",

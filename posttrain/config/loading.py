@@ -225,7 +225,7 @@ def warmup_config(cfg: Config, model_path: str, output_dir: str) -> Config:
             "output_dir": output_dir,
             "save_every": 0,
             "eval_every": 0,
-            "resume": None,
+            "resume": "auto",  # a warm-up stopped by SIGTERM continues from its checkpoint
             "sft_batch_size": w.batch_size,
         },
         "optim": {"lr": w.lr, "warmup_steps": w.warmup_steps},

@@ -253,6 +253,12 @@ class TrainConfig:
     # a loop phase (generate, train, weight sync, checkpoint save, eval) running longer ends
     # the process with a message naming it and the newest checkpoint (0 = no limit)
     phase_timeout_s: float = 7200.0
+    # SIGTERM (Slurm, Kubernetes) -> checkpoint of the last completed step, exit status 0; a
+    # step still running at half this is abandoned (0 = no handler: SIGTERM ends the process)
+    preempt_grace_s: float = 60.0
+    # a NaN/inf loss or gradient skips its optimizer update; this many such steps in a row
+    # are tolerated, one more stops the run with the checkpoint from before them (0 = the first)
+    max_bad_steps: int = 3
 
 
 @dataclass(frozen=True)
@@ -412,6 +418,27 @@ class EnvConfig:
 
 
 @dataclass(frozen=True)
+class GuideConfig:
+    """Guide (adaptive guidance, Nath et al. 2025; docs/algorithms.md "Guide"), GRPO only.
+
+    A sample succeeds when it is valid and its reward (after shaping) is >= `success_threshold`;
+    a group whose samples all fail gets `replace` hinted samples (null: all of
+    `rollout.samples_per_prompt`) in place of its failed ones. The hint is the row's
+    `hint_column`, or `hint_fn` (a built-in hint function, e.g. arithmetic_tens) of the row;
+    `hint_template` places it in the prompt ({prompt}, {hint}). Hinted samples are trained as
+    completions of the unhinted prompt, with the hinted-context log-probs as `logp_old`.
+    `guide/all_fail_groups` is logged with guide off too.
+    """
+
+    enabled: bool = False
+    hint_column: str = "hint"
+    hint_fn: str | None = None
+    hint_template: str = "{prompt}\nHint: {hint}"
+    replace: int | None = None
+    success_threshold: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run."""
 
@@ -434,6 +461,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
 
 
 # The valid values of every string option. Names the math defines come from its registries (the

@@ -20,6 +20,7 @@ from posttrain.models import load_policy
 from posttrain.rollout import make_engine
 from posttrain.rollout.async_source import AsyncRolloutSource
 from posttrain.rollout.episode_source import EpisodeSource
+from posttrain.rollout.guide import check_hints
 from posttrain.rollout.server_ranks import RankedServerEngine, make_server_engine
 from posttrain.rollout.sharded import (
     EpisodeShards,
@@ -190,6 +191,8 @@ def make_rollout_source(cfg: Config, model_path: str, tokenizer: Any) -> SampleS
     for rows in stages or [train]:
         check_rewards(cfg, rows)
     check_prompts(cfg, tokenizer, stages or [train], held)
+    if cfg.guide.enabled:  # every training row can be hinted, and fits the engine's context
+        check_hints(cfg, tokenizer, stages or [train])
     rollout = make_rollout_engine(cfg, model_path, tokenizer)
     source = RolloutSource(cfg, tokenizer, rollout, train, held, stages)
     if cfg.rollout.max_staleness > 0:  # generate step n+1 while step n trains

@@ -8,6 +8,7 @@ trains on its own shard, so a 2-rank run sees exactly the data of a 1-rank run.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from posttrain.errors import ConfigError
 from posttrain.eval.evaluate import evaluate, pass_counts
 from posttrain.models.forward import policy_token_stats
 from posttrain.rollout.engine import Rollout, SamplingConfig
+from posttrain.rollout.guide import guide_groups, guide_metrics
 from posttrain.runtime import distributed as dist
 from posttrain.runtime.weight_sync import push_adapter, push_weights
 from rewards import RewardSpec, score
@@ -38,11 +40,15 @@ class Sample:
         rollout: what the engine produced.
         reward: total reward after shaping, None when no reward could judge it.
         valid: whether the sample counts in the loss (reward known, not masked as truncated).
+        hint_prompt_ids: Guide: the hinted prompt the completion was sampled with (the rollout
+            holds the unhinted prompt ids it is trained with, and the engine's hinted-context
+            log-probs); None for a sample of the plain prompt.
     """
 
     rollout: Rollout
     reward: float | None
     valid: bool
+    hint_prompt_ids: list[int] | None = None
 
 
 def completion_entropy(
@@ -72,6 +78,10 @@ def completion_entropy(
         start, n = len(r.prompt_ids) - 1, len(r.completion_ids)
         out.append(float(entropy[i, start : start + n].mean()) if n else None)
     return out
+
+
+# Guide's hinted generation of round r is seeded as round r + HINT_ROUND would be
+HINT_ROUND = 64
 
 
 def step_sampling(cfg: Config, step: int, round_: int = 0) -> SamplingConfig:
@@ -179,19 +189,55 @@ class RolloutSource:
         rollouts = self.engine.generate(ids, step_sampling(self.cfg, step, round_))
         t1 = time.perf_counter()
         G = cfg.rollout.samples_per_prompt
-        rep = [rows[i // G] for i in range(len(rollouts))]
-        columns = {k: [row[k] for row in rep] for k in rows[0] if k != col}
+        result = self._score(rollouts, [rows[i // G] for i in range(len(rollouts))], model)
+        t2 = time.perf_counter()
+        return rollouts, result, t1 - t0, t2 - t1
+
+    def _score(self, rollouts: list[Rollout], rep: list[dict[str, Any]], model: Any) -> Any:
+        """Score each rollout against its row `rep[i]` (the row's unhinted prompt text)."""
+        col = self.cfg.data.prompt_column
+        columns = {k: [row[k] for row in rep] for k in rep[0] if k != col}
         if self.needs_entropy:
             columns[TOKEN_ENTROPY] = self._entropy_column(model, rollouts)
-        result = score(
+        return score(
             self.specs,
             [row[col] for row in rep],
             [r.text for r in rollouts],
             columns,
-            timeout_s=cfg.reward_timeout_s,
+            timeout_s=self.cfg.reward_timeout_s,
         )
-        t2 = time.perf_counter()
-        return rollouts, result, t1 - t0, t2 - t1
+
+    def _guide(
+        self,
+        groups: list[list[Sample]],
+        rows: list[dict[str, Any]],
+        step: int,
+        round_: int,
+        model: Any,
+        metrics: dict[str, float],
+    ) -> tuple[list[list[Sample]], dict[str, float]]:
+        """Guide's round over one scored round (`posttrain/rollout/guide.py`): hinted samples
+        in place of failed ones in the all-fail groups, with the round's sampling settings."""
+        k = self.cfg.guide.replace or self.cfg.rollout.samples_per_prompt
+        sampling = dataclasses.replace(step_sampling(self.cfg, step, round_ + HINT_ROUND), n=k)
+        timed = {"generate": 0.0, "reward": 0.0}
+
+        def generate(ids: list[list[int]]) -> list[Rollout]:
+            t0 = time.perf_counter()
+            out = self.engine.generate(ids, sampling)
+            timed["generate"] += time.perf_counter() - t0
+            return out
+
+        def score_rows(rollouts: list[Rollout], rep: list[dict[str, Any]]) -> list[Sample]:
+            t0 = time.perf_counter()
+            out = self._shape(rollouts, self._score(rollouts, rep, model).total)
+            timed["reward"] += time.perf_counter() - t0
+            return out
+
+        out, stats = guide_groups(self.cfg, self.tokenizer, groups, rows, generate, score_rows)
+        metrics["time/generate_s"] += timed["generate"]
+        metrics["time/reward_s"] += timed["reward"]
+        return out, stats
 
     def _entropy_column(self, model: Any, rollouts: list[Rollout]) -> list[float | None]:
         """The `token_entropy` column: each completion's mean token entropy under `model`."""
@@ -228,6 +274,7 @@ class RolloutSource:
         all_samples: list[Sample] = []
         reward_stats: list[dict[str, float]] = []
         rounds = 0
+        guide_totals: dict[str, float] = {}
         self.stream.set_step(step)
         while len(kept) < r.prompts_per_step and rounds < max(1, r.max_generation_rounds):
             need = r.prompts_per_step - len(kept)
@@ -247,6 +294,9 @@ class RolloutSource:
             samples = self._shape(rollouts, result.total)
             all_samples.extend(samples)
             groups_now = [samples[g * G : (g + 1) * G] for g in range(need)]
+            groups_now, guided = self._guide(groups_now, rows, step, rounds - 1, model, metrics)
+            for key, value in guided.items():
+                guide_totals[key] = guide_totals.get(key, 0.0) + value
             informative = _informative(groups_now) if r.filter_zero_variance_groups else None
             for g, group in enumerate(groups_now):
                 if informative is not None and not informative[g]:
@@ -260,6 +310,7 @@ class RolloutSource:
         metrics["sampling/rounds"] = float(rounds)
         metrics["sampling/dropped_groups"] = float(len(dropped))
         metrics["sampling/filled_uninformative_groups"] = float(max(0, len(groups) - len(kept)))
+        metrics.update(guide_metrics(guide_totals, self.cfg.guide.enabled))
         metrics.update(self.stream.metrics())
         return groups, metrics
 

@@ -11,10 +11,12 @@ under the final name (anything ending in `.tmp` is ignored by `latest`).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class Snapshot:
+    """What a checkpoint holds besides the engine, noted at a step boundary.
+
+    The trainer notes one when a step begins; a step that ends without an optimizer update
+    (abandoned on SIGTERM, or skipped as non-finite) can then be saved as the checkpoint of the
+    boundary before it, since the engine (weights, optimizer, LR schedule) has not changed.
+
+    Attributes:
+        state: a deep copy of the trainer state (`trainer_state.json`).
+        rng: this rank's `rng_state()`.
+    """
+
+    state: dict[str, Any]
+    rng: dict[str, Any]
+
+
+def snapshot(trainer_state: dict[str, Any]) -> Snapshot:
+    """`trainer_state` (copied) and this rank's RNG, as they are now."""
+    return Snapshot(copy.deepcopy(trainer_state), rng_state())
+
+
 def full_state_dict(
     engine: Any, merge_lora: bool = True, export: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -95,6 +119,7 @@ def save(
     engine: Any,
     tokenizer: Any,
     trainer_state: dict[str, Any],
+    rng: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically (all ranks call this).
 
@@ -103,6 +128,7 @@ def save(
         engine: the DeepSpeed engine.
         tokenizer: saved next to the model.
         trainer_state: JSON-serialisable step/version/data position/algorithm state.
+        rng: this rank's RNG state to save (a `Snapshot`'s); None = the RNG as it is now.
 
     Returns:
         The final checkpoint path.
@@ -125,7 +151,7 @@ def save(
         module.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
-    torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    torch.save(rng_state() if rng is None else rng, tmp / f"rng_rank{dist.rank()}.pt")
     dist.barrier()
     if dist.is_main():
         _fsync_tree(tmp)

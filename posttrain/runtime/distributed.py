@@ -136,6 +136,19 @@ def all_reduce_max(value: float) -> float:
     return float(t.item())
 
 
+def all_reduce_max_list(values: list[float]) -> list[float]:
+    """Element-wise maxima of a list of floats over all ranks, in one collective.
+
+    The tensor lives on this rank's device (`device()`), so it works with NCCL as with gloo;
+    the values come back as floats (the list itself when alone).
+    """
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [float(v) for v in t.tolist()]
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj` (picklable), in rank order; `[obj]` when alone."""
     if not torch.distributed.is_initialized() or world_size() == 1:

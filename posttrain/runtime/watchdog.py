@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from posttrain.errors import ConfigError, RolloutError
+from posttrain.errors import ConfigError, NumericalError, RolloutError
 
 EXIT_CODE = 124  # like coreutils `timeout`
 LIMIT_KEY = "train.phase_timeout_s"
-# errors the trainer reports itself (RolloutError: with its own interrupted checkpoint)
-_REPORTED_ELSEWHERE = (RolloutError, ConfigError, KeyboardInterrupt, SystemExit)
+# errors the trainer reports itself (RolloutError, NumericalError: with their own checkpoint)
+_REPORTED_ELSEWHERE = (RolloutError, NumericalError, ConfigError, KeyboardInterrupt, SystemExit)
 
 
 def resume_hint(checkpoints: Path) -> str:

@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
         "posttrain.off_policy",
         "posttrain.advantages",
         "posttrain.turn_credit",
+        "posttrain.guidance",
         "posttrain.data.arithmetic",
     ),
     ("posttrain.runtime",),  # plain arguments in, no Config type
@@ -47,6 +48,7 @@ LAYERS: list[tuple[str, ...]] = [
         "posttrain.eval.statistics",
     ),
     (
+        "posttrain.rollout.guide",
         "posttrain.rollout.source",
         "posttrain.rollout.episode_source",
         "posttrain.rollout.async_source",
