@@ -19,6 +19,10 @@ RECIPE=${RECIPE:-recipes/quickstart.yaml}
 ENGINE=${ENGINE:-hf}
 deepspeed_overrides
 
+# SIGTERM: posttrain saves a checkpoint within train.preempt_grace_s (60); torchrun SIGKILLs its
+# workers after --shutdown-timeout (its default, 30 s, is shorter)
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-90}
+
 cmd=("$PYTHON" -m torch.distributed.run --nproc_per_node="$NPROC" --master_port="$PORT"
-  -m posttrain.cli train "$RECIPE" "rollout.engine=$ENGINE" "${ds_args[@]}" "$@")
+  --shutdown-timeout="$SHUTDOWN_TIMEOUT" -m posttrain.cli train "$RECIPE" "rollout.engine=$ENGINE" "${ds_args[@]}" "$@")
 run_or_print "${cmd[@]}"

@@ -146,7 +146,7 @@ class Trainer:
         self.continue_hint: str | None = None  # how to continue it (default: train.resume=)
         # a NaN/inf loss or gradient skips its update; too many in a row stop the run
         self._fp16 = config.model.dtype == "float16"  # overflows: the loss scaler's business
-        self.grad_check = GradientCheck(self.engine.module, grads=not self._fp16)
+        self.grad_check: GradientCheck | None = None  # made by the first update
         self.bad_steps = BadSteps(t.max_bad_steps, self.out)
         self._numerics_stop = False
         # the state noted as a step begins (`_start`), which an abandoned step and a stop on bad
@@ -304,6 +304,8 @@ class Trainer:
         point before its first update (the engine still holds the last completed step)."""
         world = dist.world_size()
         done = _Updates()
+        if self.grad_check is None:  # hooks on the trained parameters, until train() ends
+            self.grad_check = GradientCheck(self.engine.module, grads=not self._fp16)
         for update in range(batch.updates):
             may_abandon = update == 0 and self._start is not None  # alike on every rank
             with self.watchdog.phase("train"):
@@ -421,6 +423,9 @@ class Trainer:
                 if self.step > 0:
                     self.final_checkpoint = self.save("final")
             finally:
+                if self.grad_check is not None:  # its gradient hooks go with the run
+                    self.grad_check.remove()
+                    self.grad_check = None
                 if bar is not None:
                     bar.close()
                 self.logger.close()

@@ -172,9 +172,11 @@ class GRPO(OnlineAlgorithm):
             t["mask"].shape[1],
         )
         hinted = torch.tensor([s.hint_prompt_ids is not None for s in seqs], dtype=torch.bool)
-        t["logp_old"] = guidance.behaviour_logp_old(
-            t.get("logp_old", hinted_old), hinted_old, hinted
-        )
+        # unhinted rows keep theirs; where nothing computed one (one update per batch) NaN marks
+        # them, and the loss then uses the detached current log-probs there, as it would
+        # without Guide (`clipped_policy_loss`)
+        base = t.get("logp_old", torch.full_like(hinted_old, float("nan")))
+        t["logp_old"] = guidance.behaviour_logp_old(base, hinted_old, hinted)
 
     # ---------------------------------------------------------------- loss
     def loss(
@@ -227,7 +229,9 @@ def clipped_policy_loss(
         outputs, mb["input_ids"], cfg.rollout.temperature, entropy=ent_mode
     )
     mask = mb["mask"]
-    logp_old = mb["logp_old"] if "logp_old" in mb else logp.detach()
+    logp_old = logp.detach()
+    if "logp_old" in mb:  # NaN: this row's old log-probs are the current ones (see Guide)
+        logp_old = torch.where(torch.isnan(mb["logp_old"]), logp_old, mb["logp_old"])
     loss_tok, stats = losses.policy_loss(
         logp,
         logp_old,

@@ -30,6 +30,7 @@ from posttrain.guidance import (
     replace_samples,
     replacement_slots,
 )
+from posttrain.runtime import distributed as dist
 
 # generate(prompt_ids) -> rollouts (len(prompt_ids) * guide.replace, prompt-major)
 Generate = Callable[[list[list[int]]], list[Any]]
@@ -128,8 +129,12 @@ def guide_groups(
     """
     g = cfg.guide
     rewards, valid = group_tensors(groups)
-    fail = all_fail_groups(rewards, valid, g.success_threshold)
-    idx = [i for i, f in enumerate(fail.tolist()) if f]
+    fail = all_fail_groups(rewards, valid, g.success_threshold).tolist()
+    if g.enabled and dist.world_size() > 1:
+        # every rank scored the same groups, but a reward can differ between ranks (a timeout,
+        # a sampled judge): agree on the hinted groups, since generate() may be a collective
+        fail = [f > 0 for f in dist.all_reduce_max_list([float(f) for f in fail])]
+    idx = [i for i, f in enumerate(fail) if f]
     stats = {"all_fail": float(len(idx)), "groups": float(len(groups)), "hinted": 0.0}
     stats.update(hinted_success=0.0, hinted_reward_sum=0.0, hinted_known=0.0)
     if not g.enabled or not idx:

@@ -73,11 +73,12 @@ class GradientCheck:
         self._handles = [p.register_hook(self._see_grad) for p in params]
 
     def _see_grad(self, grad: torch.Tensor) -> None:
-        ok = torch.isfinite(grad).all()
-        if self._finite is None or self._finite.device != ok.device:
+        # the sum is NaN or inf when any entry is (no gradient-sized bool temporary)
+        ok = torch.isfinite(grad.sum(dtype=torch.float32))
+        if self._finite is None:
             self._finite = ok
         else:
-            self._finite.logical_and_(ok)
+            self._finite = self._finite & ok.to(self._finite.device)
 
     def start(self) -> None:
         """Forget the previous update."""

@@ -233,6 +233,7 @@ def test_torchrun_dry_run():
         "--nproc_per_node=2",
         "--master_port=29555",
     ]
+    assert cmd[5] == "--shutdown-timeout=90"  # > train.preempt_grace_s (60)
     assert _tail(cmd) == [
         "posttrain.cli",
         "train",
@@ -308,6 +309,7 @@ def test_slurm_dry_run(tmp_path):
         "--rdzv_id=4242",
         "--rdzv_backend=c10d",
         "--rdzv_endpoint=node-a:29600",
+        "--shutdown-timeout=90",  # > train.preempt_grace_s: SIGTERM leaves time to checkpoint
     ]
     assert _tail(cmd)[-1] == "train.output_dir=/shared/run"
 

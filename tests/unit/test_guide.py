@@ -439,9 +439,12 @@ def test_hinted_rows_train_on_the_unhinted_prompt_with_the_hinted_logp_old(
         start, n = len(s.rollout.prompt_ids) - 1, len(s.rollout.completion_ids)
         row = t["input_ids"][i, : len(s.rollout.prompt_ids) + n].tolist()
         assert row == s.rollout.prompt_ids + s.rollout.completion_ids
-        ctx = s.hint_prompt_ids or s.rollout.prompt_ids
-        want = _completion_logps(model, ctx, s.rollout.completion_ids, cfg.rollout.temperature)
         got = t["logp_old"][i, start : start + n]
+        if s.hint_prompt_ids is None:  # NaN: the loss takes the current log-probs there
+            assert torch.isnan(t["logp_old"][i]).all(), i
+            continue
+        temp = cfg.rollout.temperature
+        want = _completion_logps(model, s.hint_prompt_ids, s.rollout.completion_ids, temp)
         assert torch.allclose(got, want, atol=1e-4), i
         if s.hint_prompt_ids is not None:
             plain = _completion_logps(model, s.rollout.prompt_ids, s.rollout.completion_ids, 1.0)
@@ -449,6 +452,38 @@ def test_hinted_rows_train_on_the_unhinted_prompt_with_the_hinted_logp_old(
     assert max(gaps) > 1e-3  # the hinted context really changes the log-probs
     batch = algo.make_batch(0, model)  # the wiring: one more step, hinted rows included
     assert all("logp_old" in mb for mb in batch.micro_batches)
+
+
+def test_nan_logp_old_rows_train_as_without_guide(tmp_path, tiny_model_dir):
+    """Unhinted rows of a Guide step (logp_old NaN when nothing recomputed it) give the loss,
+    metrics and gradient of the same micro-batch without logp_old (the detached current ones)."""
+    from posttrain.algorithms.grpo import clipped_policy_loss
+    from posttrain.models import load_policy
+    from tests.tiny_runs import tiny_cfg
+
+    cfg = tiny_cfg(tmp_path, tiny_model_dir)
+    model = load_policy(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 60, (3, 12), generator=g)
+    mask = torch.zeros(3, 11)
+    mask[:, 5:] = 1.0
+    mb = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mask": mask,
+        "adv": torch.randn(3, 11, generator=g) * mask,
+        "logp_roll": -torch.rand(3, 11, generator=g) * mask,
+    }
+    results = []
+    for extra in ({}, {"logp_old": torch.full((3, 11), NAN)}):
+        model.zero_grad()
+        loss, shares = clipped_policy_loss(cfg, model(input_ids=ids), {**mb, **extra}, 9.0, 18, 0.0)
+        loss.backward()
+        grad = model.get_input_embeddings().weight.grad.clone()
+        results.append((loss.detach(), shares, grad))
+    (l0, s0, g0), (l1, s1, g1) = results
+    assert torch.isfinite(l0) and l0.item() != 0.0
+    assert torch.equal(l0, l1) and s0 == s1 and torch.equal(g0, g1)
 
 
 def _completion_logps(model, ctx: list[int], completion: list[int], temperature: float):
