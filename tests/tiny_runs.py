@@ -39,6 +39,19 @@ REDUCED_QUICKSTART = (
 )
 
 
+# recipes/sft_tiny.yaml at test size (prepend train.steps / train.save_every)
+SFT_SMALL = (
+    "train.sft_batch_size=8",
+    "train.micro_batch_size_per_device=4",
+    "sft.packing=false",
+    "data.train_size=64",
+    "data.eval_size=8",
+    "optim.warmup_steps=0",
+    "log.wandb=disabled",
+    "log.progress=false",
+)
+
+
 def tiny_cfg(out: Path, model: Path, *extra: str) -> Config:
     """`TINY_RUN` on `model` writing to `out`; `extra` overrides win."""
     return load_config(None, [f"model.path={model}", f"train.output_dir={out}", *TINY_RUN, *extra])

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from posttrain.runtime.checkpoint import STATE_FILE
 from posttrain.trainer import Trainer
-from tests.tiny_runs import TINY_RUN, read_jsonl, tiny_cfg, torchrun
+from tests.tiny_runs import SFT_SMALL, TINY_RUN, read_jsonl, tiny_cfg, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -189,18 +189,7 @@ def test_step_still_running_at_half_the_grace_is_abandoned(tmp_path, tiny_model_
 # ------------------------------------------------------------------ two ranks (torchrun)
 
 SFT_RECIPE = ROOT / "recipes" / "sft_tiny.yaml"
-SFT = (
-    "train.steps=40",
-    "train.save_every=0",
-    "train.sft_batch_size=8",
-    "train.micro_batch_size_per_device=4",
-    "sft.packing=false",
-    "data.train_size=64",
-    "data.eval_size=8",
-    "optim.warmup_steps=0",
-    "log.wandb=disabled",
-    "log.progress=false",
-)
+SFT = ("train.steps=40", "train.save_every=0", *SFT_SMALL)
 
 
 def _rank_pids(agent: int) -> dict[int, int]:

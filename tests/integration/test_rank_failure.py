@@ -20,24 +20,13 @@ import pytest
 
 from posttrain.runtime.checkpoint import STATE_FILE, latest
 from posttrain.runtime.watchdog import EXIT_CODE
-from tests.tiny_runs import read_jsonl, torchrun
+from tests.tiny_runs import SFT_SMALL, read_jsonl, torchrun
 
 pytestmark = pytest.mark.slow
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "sft_tiny.yaml"
 BOUND_S = 120  # the run must be over this long after the fault
 
-SFT_RUN = (
-    "train.steps=2000",
-    "train.save_every=3",
-    "train.sft_batch_size=8",
-    "train.micro_batch_size_per_device=4",
-    "sft.packing=false",
-    "data.train_size=64",
-    "data.eval_size=8",
-    "optim.warmup_steps=0",
-    "log.wandb=disabled",
-    "log.progress=false",
-)
+SFT_RUN = ("train.steps=2000", "train.save_every=3", *SFT_SMALL)
 
 
 def _env() -> dict[str, str]:
