@@ -39,6 +39,19 @@ REDUCED_QUICKSTART = (
 )
 
 
+# a shipped recipe's short run on the tiny model (with model.path and train.output_dir)
+RECIPE_SHORT_RUN = (
+    "warmup.steps=2",
+    "train.steps=2",
+    "train.eval_every=0",
+    "data.train_size=64",
+    "data.eval_size=4",
+    "eval.num_problems=4",
+    "eval.seeds=[0]",
+    "log.wandb=disabled",
+    "log.progress=false",
+)
+
 # recipes/sft_tiny.yaml at test size (prepend train.steps / train.save_every)
 SFT_SMALL = (
     "train.sft_batch_size=8",

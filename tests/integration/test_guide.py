@@ -15,7 +15,7 @@ import torch
 
 from posttrain.config import load_config
 from posttrain.trainer import Trainer
-from tests.tiny_runs import read_jsonl, tiny_cfg
+from tests.tiny_runs import RECIPE_SHORT_RUN, read_jsonl, tiny_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -135,17 +135,9 @@ def test_guide_tiny_recipe_short_run(tmp_path, tiny_model_dir):
         [
             f"model.path={tiny_model_dir}",
             f"train.output_dir={out}",
-            "warmup.steps=2",
-            "train.steps=2",
-            "train.eval_every=0",
+            *RECIPE_SHORT_RUN,
             "rollout.prompts_per_step=4",
             "train.micro_batch_size_per_device=32",
-            "data.train_size=64",
-            "data.eval_size=4",
-            "eval.num_problems=4",
-            "eval.seeds=[0]",
-            "log.wandb=disabled",
-            "log.progress=false",
         ],
     )
     assert cfg.guide.enabled and cfg.guide.hint_fn == "arithmetic_tens"

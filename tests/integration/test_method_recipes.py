@@ -13,6 +13,7 @@ import pytest
 
 from posttrain.config import load_config
 from posttrain.trainer import Trainer
+from tests.tiny_runs import RECIPE_SHORT_RUN
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +32,7 @@ def test_method_recipe_short_run(tmp_path, tiny_model_dir, name):
         [
             f"model.path={tiny_model_dir}",
             f"train.output_dir={tmp_path / name}",
-            "warmup.steps=2",
-            "train.steps=2",
-            "train.eval_every=0",
-            "data.train_size=64",
-            "data.eval_size=4",
-            "eval.num_problems=4",
-            "eval.seeds=[0]",
-            "log.wandb=disabled",
-            "log.progress=false",
+            *RECIPE_SHORT_RUN,
             *EXTRA.get(name, []),
         ],
     )
