@@ -252,11 +252,16 @@ def _validate_rollout_memory(cfg: Config) -> None:
         )
 
 
-def _check_task_keys(task: dict, where: str) -> None:
-    """Every key of an arithmetic `task` mapping is an option of `arithmetic.make_split`."""
+def _check_task_keys(task: dict, where: str, source: str = "arithmetic") -> None:
+    """Every key of a built-in task's `task` mapping is one of its options (shapes: and valid)."""
     import inspect
 
     from posttrain.data.arithmetic import make_split
+    from posttrain.data.shapes import resolve_task
+
+    if source == "shapes":
+        resolve_task(task, where)
+        return
 
     params = inspect.signature(make_split).parameters
     names = [p for p in params if p not in ("split", "n", "seed")]
@@ -267,8 +272,8 @@ def _check_task_keys(task: dict, where: str) -> None:
 
 def _validate_stages_resampling(cfg: Config) -> None:
     """Checks of `data.stages` and `rollout.history_resampling`."""
-    if cfg.data.task and cfg.data.source == "arithmetic":
-        _check_task_keys(cfg.data.task, "data.task")
+    if cfg.data.task and cfg.data.source in ("arithmetic", "shapes"):
+        _check_task_keys(cfg.data.task, "data.task", cfg.data.source)
     stages = cfg.data.stages
     for i, st in enumerate(stages):
         _check(st.steps >= 1, f"data.stages[{i}].steps must be >= 1, got {st.steps}")
@@ -276,10 +281,11 @@ def _validate_stages_resampling(cfg: Config) -> None:
             _check(st.train_size >= 1, f"data.stages[{i}].train_size must be >= 1 or null")
         if st.task:
             _check(
-                st.source == "arithmetic",
-                f"data.stages[{i}].task is only valid for source 'arithmetic', not {st.source!r}",
+                st.source in ("arithmetic", "shapes"),
+                f"data.stages[{i}].task is only valid for source 'arithmetic' or 'shapes', not "
+                f"{st.source!r}",
             )
-            _check_task_keys(st.task, f"data.stages[{i}].task")
+            _check_task_keys(st.task, f"data.stages[{i}].task", st.source)
     total = sum(st.steps for st in stages)
     _check(
         total <= cfg.train.steps,

@@ -11,7 +11,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from posttrain.data.loading import ARITHMETIC, load_rows
+from posttrain.data.loading import BUILTIN_SOURCES, load_rows
 from posttrain.data.pool import PromptPool, group_all_correct
 from posttrain.data.splits import format_kwargs
 from posttrain.errors import ConfigError
@@ -55,7 +55,7 @@ def load_stage_rows(cfg: Any) -> list[list[dict]]:
                 split="train",
                 n=st.train_size if st.train_size is not None else d.train_size,
                 seed=d.seed,
-                task_kwargs=st.task if st.source == ARITHMETIC else None,
+                task_kwargs=st.task if st.source in BUILTIN_SOURCES else None,
                 n_name="train_size" if st.train_size is not None else "data.train_size",
                 **format_kwargs(cfg),
             )

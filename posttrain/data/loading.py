@@ -1,4 +1,5 @@
-"""Load prompt rows from the built-in task, a local json/jsonl/parquet file, or a `datasets` name.
+"""Load prompt rows from a built-in task (arithmetic, shapes), a local json/jsonl/parquet file,
+or a `datasets` name.
 
 Every column is kept, so the extra ones (``answer``, ``tests``, ``rubric``...) reach reward
 functions. A dataset in its own column names is mapped on load (`data.columns`,
@@ -16,11 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from posttrain.data import arithmetic
+from posttrain.data import arithmetic, shapes
 from posttrain.data.formats import apply_format
 from posttrain.errors import ConfigError
 
 ARITHMETIC = "arithmetic"
+SHAPES = "shapes"
+# the built-in synthetic tasks: generated, not read; `data.task` holds their options
+BUILTIN_SOURCES = (ARITHMETIC, SHAPES)
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _MAX_LISTED = 10
 
@@ -189,7 +193,8 @@ def load_rows(
     """Load rows as a list of dicts, all columns kept.
 
     Args:
-        source: ``"arithmetic"`` (the built-in synthetic task), a local ``.json``/``.jsonl``/
+        source: ``"arithmetic"`` or ``"shapes"`` (the built-in synthetic tasks: data/arithmetic.py,
+            data/shapes.py, rows with PIL images), a local ``.json``/``.jsonl``/
             ``.parquet`` file, or anything ``datasets.load_dataset(source, split=split)`` accepts
             (hub names when online, local dataset folders).
         prompt_column: column holding the prompt: text, or a list of ``{"role", "content"}``
@@ -197,11 +202,11 @@ def load_rows(
         split: split of the arithmetic task (``"train"``/``"test"``) or of a named dataset.
             A local file is always read whole, whatever ``split`` is.
         n: number of rows. For a file or named dataset, ``n`` rows are drawn by a shuffle seeded
-            with ``seed``; ``None`` keeps all rows in file order. Required for ``"arithmetic"``.
+            with ``seed``; ``None`` keeps all rows in file order. Required for a built-in task.
         seed: shuffle seed (and the arithmetic task's sampling seed).
         data_files_split: the split name under which a local file is registered with `datasets`.
-        task_kwargs: extra keyword arguments for ``arithmetic.make_split`` (e.g. ``max_operand``,
-            ``ops``).
+        task_kwargs: extra keyword arguments for the built-in task's ``make_split`` (e.g.
+            ``max_operand``, ``ops``; shapes: ``kind``, ``image_size``...).
         columns: ``{role: column}`` copied to the role's key on load (`data.columns`).
         prompt_template: formatted from each row into ``prompt_column`` (`data.prompt_template`).
         chosen_column, rejected_column: preference columns; rows without ``prompt_column``
@@ -225,17 +230,20 @@ def load_rows(
     }
     if n is not None and (not isinstance(n, int) or n < 0):
         raise ConfigError(f"{n_name}={n!r} is not valid; use an integer >= 0 or null for all rows")
-    if source == ARITHMETIC:
+    if source in BUILTIN_SOURCES:
         if n is None:
             raise ConfigError(
-                f"{n_name} is required for source 'arithmetic' (number of rows to generate)"
+                f"{n_name} is required for source {source!r} (number of rows to generate)"
             )
-        rows = arithmetic.make_split(split, n, seed, **(task_kwargs or {}))
+        make_split = arithmetic.make_split if source == ARITHMETIC else shapes.make_split
+        rows = make_split(split, n, seed, **(task_kwargs or {}))
         rows = apply_format(rows, source=source, **fmt)
         check_prompts(rows, prompt_column, source)
         return rows
     if task_kwargs:
-        raise ConfigError(f"task_kwargs are only valid for source 'arithmetic', not {source!r}")
+        raise ConfigError(
+            f"task_kwargs are only valid for the sources {list(BUILTIN_SOURCES)}, not {source!r}"
+        )
     builder = _local_format(source)
     if builder is not None:
         rows = _load_local(Path(source).expanduser(), builder, data_files_split)

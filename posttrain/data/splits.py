@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain.config import Config
-from posttrain.data.loading import load_rows
+from posttrain.data.loading import BUILTIN_SOURCES, load_rows
 
 
 def format_kwargs(cfg: Config) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def load_train_eval_rows(cfg: Config) -> tuple[list[dict], list[dict]]:
         split="train",
         n=d.train_size,
         seed=d.seed,
-        task_kwargs=d.task if d.source == "arithmetic" else None,
+        task_kwargs=d.task if d.source in BUILTIN_SOURCES else None,
         n_name="data.train_size",
         **format_kwargs(cfg),
     )
@@ -47,7 +47,7 @@ def load_eval_rows(cfg: Config) -> list[dict]:
         split="test",
         n=d.eval_size,
         seed=d.seed,
-        task_kwargs=d.task if eval_source == "arithmetic" else None,
+        task_kwargs=d.task if eval_source in BUILTIN_SOURCES else None,
         n_name="data.eval_size",
         **format_kwargs(cfg),
     )

@@ -48,7 +48,7 @@ def _dataset(cfg: Config, n_problems: int) -> dict[str, Any]:
     return {
         "source": source,
         "split": "test",
-        "task": dict(d.task) if source == "arithmetic" else None,
+        "task": dict(d.task) if source in ("arithmetic", "shapes") else None,
         "eval_size": d.eval_size,
         "num_problems": n_problems,
         "seed": d.seed,
