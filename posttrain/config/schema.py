@@ -90,6 +90,11 @@ class DataConfig:
     columns: dict = field(default_factory=dict)
     prompt_template: str | None = None
     max_prompt_tokens: int = 128
+    # images in prompts (data/images.py): the column of paths (relative to the data file),
+    # bytes, {bytes, path} dicts or PIL images; per-row image count and per-image pixel limits
+    image_column: str = "images"
+    max_images_per_prompt: int = 4
+    max_image_pixels: int = 16_777_216
     seed: int = 0
     stages: tuple[StageConfig, ...] = ()
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from posttrain.data import arithmetic, shapes
 from posttrain.data.formats import apply_format
+from posttrain.data.images import load_images
 from posttrain.errors import ConfigError
 
 ARITHMETIC = "arithmetic"
@@ -189,6 +190,7 @@ def load_rows(
     chosen_column: str = "chosen",
     rejected_column: str = "rejected",
     n_name: str = "n",
+    image_options: dict[str, Any] | None = None,
 ) -> list[dict]:
     """Load rows as a list of dicts, all columns kept.
 
@@ -212,6 +214,9 @@ def load_rows(
         chosen_column, rejected_column: preference columns; rows without ``prompt_column``
             whose two are message lists get their shared messages as the prompt.
         n_name: what messages call ``n`` (the config key that set it, e.g. `data.train_size`).
+        image_options: ``{"column", "max_images", "max_pixels"}`` for `images.load_images`: the
+            drawn rows' image cells become lists of RGB PIL images (relative paths resolve
+            against the data file's directory). None: image cells are left as loaded.
 
     Returns:
         The rows.
@@ -239,7 +244,7 @@ def load_rows(
         rows = make_split(split, n, seed, **(task_kwargs or {}))
         rows = apply_format(rows, source=source, **fmt)
         check_prompts(rows, prompt_column, source)
-        return rows
+        return _with_images(rows, source, image_options, None, None)
     if task_kwargs:
         raise ConfigError(
             f"task_kwargs are only valid for the sources {list(BUILTIN_SOURCES)}, not {source!r}"
@@ -251,13 +256,31 @@ def load_rows(
         rows = _load_named(source, split)
     rows = apply_format(rows, source=source, **fmt)
     check_prompts(rows, prompt_column, source)
-    return _draw(rows, n, seed, source, n_name)
+    order = _draw(rows, n, seed, source, n_name)
+    base_dir = Path(source).expanduser().parent if builder is not None else None
+    rows = rows if order is None else [rows[i] for i in order]
+    return _with_images(rows, source, image_options, base_dir, order)
 
 
-def _draw(rows: list[dict], n: int | None, seed: int, source: str, n_name: str) -> list[dict]:
-    """`n` of the rows by a shuffle seeded with `seed` (all of them, in order, for None)."""
-    if n is None:
+def _with_images(
+    rows: list[dict],
+    source: str,
+    image_options: dict[str, Any] | None,
+    base_dir: Path | None,
+    row_numbers: list[int] | None,
+) -> list[dict]:
+    """The rows with their image cells decoded (unchanged without `image_options`)."""
+    if image_options is None:
         return rows
+    return load_images(
+        rows, source=source, base_dir=base_dir, row_numbers=row_numbers, **image_options
+    )
+
+
+def _draw(rows: list[dict], n: int | None, seed: int, source: str, n_name: str) -> list[int] | None:
+    """Indices of `n` of the rows by a shuffle seeded with `seed` (None: all rows, in order)."""
+    if n is None:
+        return None
     if n > len(rows):
         raise ConfigError(
             f"{n_name}={n} exceeds the {len(rows)} rows of {source!r}; use {n_name} <= "
@@ -265,4 +288,4 @@ def _draw(rows: list[dict], n: int | None, seed: int, source: str, n_name: str) 
         )
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    return [rows[i] for i in order[:n]]
+    return order[:n]

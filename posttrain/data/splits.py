@@ -9,7 +9,8 @@ from posttrain.data.loading import BUILTIN_SOURCES, load_rows
 
 
 def format_kwargs(cfg: Config) -> dict[str, Any]:
-    """The `load_rows` arguments that map a dataset's own columns (data/formats.py)."""
+    """The `load_rows` arguments that map a dataset's own columns (data/formats.py) and decode its
+    image column (data/images.py)."""
     d = cfg.data
     return {
         "prompt_column": d.prompt_column,
@@ -17,6 +18,11 @@ def format_kwargs(cfg: Config) -> dict[str, Any]:
         "prompt_template": d.prompt_template,
         "chosen_column": d.chosen_column,
         "rejected_column": d.rejected_column,
+        "image_options": {
+            "column": d.image_column,
+            "max_images": d.max_images_per_prompt,
+            "max_pixels": d.max_image_pixels,
+        },
     }
 
 
