@@ -99,6 +99,18 @@ def hinted_prompt(prompt: str | Sequence[dict[str, Any]], template: str, hint: s
     return messages
 
 
+def spread_indices(n: int, share: float) -> list[int]:
+    """floor(n * share) of the indices 0..n-1, spread evenly: i is chosen when
+    floor((i + 1) * share) > floor(i * share) (share 0.5 -> 1, 3, 5, ...; 1 -> all).
+
+    Raises:
+        ValueError: share outside [0, 1].
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    return [i for i in range(n) if int((i + 1) * share) > int(i * share)]
+
+
 # ------------------------------------------------------------------------------ groups
 def all_fail_groups(rewards: Tensor, valid: Tensor, threshold: float) -> Tensor:
     """Which groups have no successful sample: success = valid and reward >= threshold.

@@ -27,6 +27,7 @@ from posttrain.data.tensors import pad_right, shard_for_rank
 from posttrain.envs.runs import transcript_rows
 from posttrain.errors import ConfigError
 from posttrain.models.lean_logprobs import install_lean_forward, output_token_stats
+from posttrain.rollout.guide import hint_warmup_rows
 from posttrain.runtime import distributed as dist
 
 
@@ -170,4 +171,4 @@ def build_sft(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> SFT:
         return SFT(cfg, tokenizer, transcript_rows(cfg))
     train, _ = load_train_eval_rows(cfg)
     check_rows(train, cfg)
-    return SFT(cfg, tokenizer, train)
+    return SFT(cfg, tokenizer, hint_warmup_rows(train, cfg))

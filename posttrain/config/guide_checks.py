@@ -63,6 +63,17 @@ def validate_guide(cfg: Config) -> None:
         math.isfinite(g.success_threshold),
         f"guide.success_threshold={g.success_threshold} must be a finite number (e.g. 1.0)",
     )
+    _check(
+        0.0 <= g.warmup_hinted <= 1.0,
+        f"guide.warmup_hinted={g.warmup_hinted} must be in [0, 1] (the share of SFT warm-up rows "
+        "shown with their hint)",
+    )
+    _check(
+        g.warmup_hinted == 0 or g.hint_fn is not None or bool(g.hint_column.strip()),
+        f"guide.warmup_hinted={g.warmup_hinted} needs hints: guide.hint_column is empty; name "
+        f"the data column holding each row's hint, or set guide.hint_fn (one of "
+        f"{', '.join(HINT_FUNCTIONS)})",
+    )
     if not g.enabled:
         return
     _check(

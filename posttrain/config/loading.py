@@ -204,7 +204,7 @@ def replace(cfg: Config, **sections: dict) -> Config:
 
 
 # What an SFT run reads; the SFT warm-up of an RL run inherits these sections and nothing else
-WARMUP_INHERITS = ("model", "data", "optim", "train", "sft", "log", "env")
+WARMUP_INHERITS = ("model", "data", "optim", "train", "sft", "log", "env", "guide")
 
 
 def warmup_config(cfg: Config, model_path: str, output_dir: str) -> Config:
@@ -229,5 +229,6 @@ def warmup_config(cfg: Config, model_path: str, output_dir: str) -> Config:
             "sft_batch_size": w.batch_size,
         },
         "optim": {"lr": w.lr, "warmup_steps": w.warmup_steps},
+        "guide": {"enabled": False},  # only `guide.warmup_hinted` and the hint source apply
     }
     return config_from_dict(_merge(data, changes))

@@ -432,7 +432,9 @@ class GuideConfig:
     `hint_column`, or `hint_fn` (a built-in hint function, e.g. arithmetic_tens) of the row;
     `hint_template` places it in the prompt ({prompt}, {hint}). Hinted samples are trained as
     completions of the unhinted prompt, with the hinted-context log-probs as `logp_old`.
-    `guide/all_fail_groups` is logged with guide off too.
+    `guide/all_fail_groups` is logged with guide off too. `warmup_hinted`: the share of the SFT
+    warm-up's rows (or an SFT run's) that also train with their hinted prompt (a copy is added),
+    so that the model learns to read hints before RL relies on them (0: none).
     """
 
     enabled: bool = False
@@ -441,6 +443,7 @@ class GuideConfig:
     hint_template: str = "{prompt}\nHint: {hint}"
     replace: int | None = None
     success_threshold: float = 1.0
+    warmup_hinted: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from posttrain.guidance import (
     hinted_prompt,
     replace_samples,
     replacement_slots,
+    spread_indices,
 )
 from posttrain.runtime import distributed as dist
 
@@ -65,6 +66,22 @@ def hinted_prompts(rows: list[dict[str, Any]], cfg: Config) -> list[Any]:
     """Each row's prompt with its hint placed by `guide.hint_template`."""
     col, template = cfg.data.prompt_column, cfg.guide.hint_template
     return [hinted_prompt(row[col], template, row_hint(row, cfg)) for row in rows]
+
+
+def hint_warmup_rows(rows: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    """The SFT rows followed by hinted copies of `guide.warmup_hinted` of them (spread evenly):
+    the same target with the hinted prompt (`guide.hint_template`), so that a warm-up teaches the
+    model to read hints without losing any unhinted row. At share 0 the rows are returned as
+    they are."""
+    share = cfg.guide.warmup_hinted
+    if share <= 0:
+        return rows
+    col, template = cfg.data.prompt_column, cfg.guide.hint_template
+    hinted = [
+        {**rows[i], col: hinted_prompt(rows[i][col], template, row_hint(rows[i], cfg))}
+        for i in spread_indices(len(rows), share)
+    ]
+    return [*rows, *hinted]
 
 
 def encode_hinted(tokenizer: Any, rows: list[dict[str, Any]], cfg: Config) -> list[list[int]]:

@@ -14,6 +14,7 @@ import torch
 
 from posttrain import losses, off_policy
 from posttrain.config import load_config
+from posttrain.config.loading import warmup_config
 from posttrain.data.arithmetic import solve
 from posttrain.errors import ConfigError
 from posttrain.guidance import (
@@ -26,10 +27,11 @@ from posttrain.guidance import (
     render_hint,
     replace_samples,
     replacement_slots,
+    spread_indices,
     template_fields,
 )
 from posttrain.rollout.engine import Rollout
-from posttrain.rollout.guide import check_hints, guide_groups, guide_metrics
+from posttrain.rollout.guide import check_hints, guide_groups, guide_metrics, hint_warmup_rows
 from posttrain.rollout.source import Sample
 
 NAN = math.nan
@@ -235,6 +237,11 @@ GUIDE_ON = ("guide.enabled=true", "guide.hint_fn=arithmetic_tens")
         ),
         ([*GUIDE_ON, "env.name=calculator"], r"guide\.enabled .* env\.name='calculator'"),
         ([*GUIDE_ON, "advantage.estimator=opo"], r"advantage\.estimator=opo is exactly on-policy"),
+        (["guide.warmup_hinted=1.5"], r"guide\.warmup_hinted=1\.5 must be in \[0, 1\]"),
+        (
+            ["guide.warmup_hinted=0.5", "guide.hint_column=''"],
+            r"guide\.warmup_hinted=0\.5 needs hints: guide\.hint_column is empty",
+        ),
     ],
 )
 def test_guide_config_errors_are_one_line(overrides, message):
@@ -251,6 +258,41 @@ def test_guide_config_defaults_and_valid_settings():
         None, [*GUIDE_ON, "guide.replace=3", "guide.hint_template='{hint}: {prompt}'"]
     )
     assert cfg.guide.replace == 3 and cfg.guide.hint_fn == "arithmetic_tens"
+
+
+def test_spread_indices_pick_floor_n_share_evenly():
+    assert spread_indices(6, 0.5) == [1, 3, 5]
+    assert spread_indices(5, 0.0) == [] and spread_indices(4, 1.0) == [0, 1, 2, 3]
+    assert spread_indices(10, 0.25) == [3, 7]  # floor((i+1)/4) steps up at i = 3, 7
+    for n, share in itertools.product(range(13), (0.1, 0.3, 1 / 3, 0.5, 0.9)):
+        idx = spread_indices(n, share)
+        assert len(idx) == math.floor(n * share + 1e-12)
+        # every window of ceil(1/share) consecutive rows holds at least one chosen row
+        width = math.ceil(1 / share)
+        assert all(any(j in idx for j in range(i, i + width)) for i in range(n - width + 1))
+    with pytest.raises(ValueError, match="share must be in"):
+        spread_indices(3, 1.5)
+
+
+def test_warmup_rows_gain_hinted_copies_of_the_chosen_share():
+    cfg = load_config(None, ["guide.hint_fn=arithmetic_tens", "guide.warmup_hinted=0.5"])
+    rows = [{"prompt": f"{a}+{a}", "answer": str(2 * a)} for a in (7, 13, 25, 40)]
+    out = hint_warmup_rows(rows, cfg)
+    assert out[:4] == rows  # every row stays, unhinted; copies of rows 1 and 3 follow
+    assert out[4:] == [
+        {"prompt": "13+13\nHint: the tens digit is 2", "answer": "26"},
+        {"prompt": "40+40\nHint: the tens digit is 8", "answer": "80"},
+    ]
+    assert rows[1]["prompt"] == "13+13"  # the input rows are not modified
+    off = dataclasses.replace(cfg, guide=dataclasses.replace(cfg.guide, warmup_hinted=0.0))
+    assert hint_warmup_rows(rows, off) is rows
+
+
+def test_the_warmup_inherits_the_hint_source_with_guide_off():
+    cfg = load_config(None, [*GUIDE_ON, "guide.warmup_hinted=0.25", "warmup.steps=5"])
+    warm = warmup_config(cfg, "m", "out")
+    assert warm.train.algorithm == "sft" and not warm.guide.enabled
+    assert (warm.guide.warmup_hinted, warm.guide.hint_fn) == (0.25, "arithmetic_tens")
 
 
 # ------------------------------------------------------------------------------ the round
