@@ -49,6 +49,7 @@ _BUILTIN: dict[str, str] = {
     "judge_verifier": "rewards.verifier:judge_verifier",
     "reward_model": "rewards.reward_model:reward_model",
     "neg_entropy": "rewards.entropy:neg_entropy",
+    "box_iou": "rewards.grounding:box_iou",
 }
 
 # Arguments each built-in needs, from a dataset column or a RewardSpec kwarg of that name.
@@ -67,7 +68,11 @@ _BUILTIN_REQUIRED: dict[str, tuple[str, ...]] = {
     "judge_verifier": ("answer", "base_url", "model"),
     "reward_model": ("path",),
     "neg_entropy": ("token_entropy",),
+    "box_iou": ("box",),
 }
+
+# A required column another name can stand for: reward -> {column: the kwarg naming it}.
+_BUILTIN_COLUMN_KWARGS: dict[str, dict[str, str]] = {"box_iou": {"box": "box_column"}}
 
 # Columns no dataset has: the sampling algorithm computes them from the policy and adds them to
 # the reward call (name -> what it is). A reward requiring one works only where it is supplied.
@@ -191,13 +196,18 @@ def _infer_required(fn: RewardFn) -> tuple[str, ...]:
     )
 
 
-def required_columns(name: str) -> tuple[str, ...]:
-    """Columns (or spec kwargs of the same name) the reward ``name`` needs."""
+def required_columns(name: str, kwargs: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """Columns (or spec kwargs of the same name) the reward ``name`` needs; with the spec's
+    ``kwargs``, a column a kwarg renames (``box_iou``'s ``box_column``) under its new name."""
     if name in _USER_REQUIRED:
         return _USER_REQUIRED[name]
-    if name in _BUILTIN_REQUIRED:
-        return _BUILTIN_REQUIRED[name]
-    raise _unknown(name)
+    if name not in _BUILTIN_REQUIRED:
+        raise _unknown(name)
+    renames = _BUILTIN_COLUMN_KWARGS.get(name, {})
+    chosen = {c: (kwargs or {}).get(k) for c, k in renames.items()}
+    return tuple(
+        chosen[c] if isinstance(chosen.get(c), str) else c for c in _BUILTIN_REQUIRED[name]
+    )
 
 
 def check_columns(specs: list[RewardSpec] | list[str], columns: dict[str, Any]) -> None:
@@ -214,7 +224,7 @@ def check_columns(specs: list[RewardSpec] | list[str], columns: dict[str, Any]) 
     present = sorted(columns)
     for spec in specs:
         spec = RewardSpec(spec) if isinstance(spec, str) else spec
-        for col in required_columns(spec.name):
+        for col in required_columns(spec.name, spec.kwargs):
             if col not in columns and col not in spec.kwargs:
                 raise RewardConfigError(
                     f"reward {spec.name!r} needs {col!r} as a dataset column or a RewardSpec "

@@ -184,7 +184,7 @@ def _check_columns(spec: RewardSpec, kwargs: dict[str, Any], columns: Mapping) -
     out = [
         f"reward {spec.name!r} needs {col!r} as a dataset column or a kwarg; "
         f"{_closest(col, present)}columns present: {present}"
-        for col in required_columns(spec.name)
+        for col in required_columns(spec.name, kwargs)
         if col not in columns and col not in kwargs and col not in MODEL_COLUMNS
     ]
     clash = sorted(set(spec.kwargs) & set(columns))
