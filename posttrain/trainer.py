@@ -42,6 +42,7 @@ from posttrain.eval.evaluate import eval_settings
 from posttrain.eval.pass_curve import run_curves
 from posttrain.eval.report import RunResult, finish
 from posttrain.models import load_tokenizer, make_tiny
+from posttrain.models.tiny_vlm import build_tiny_vlm
 from posttrain.rollout.vllm_local import close_live_engines
 from posttrain.runtime import checkpoint, dsconfig, rundir
 from posttrain.runtime import distributed as dist
@@ -90,12 +91,17 @@ def set_seed(seed: int) -> None:
 
 
 def resolve_model_path(cfg: Config) -> str:
-    """`tiny` -> build the tiny model into the output dir (rank 0), else the configured path."""
-    if cfg.model.path != "tiny":
+    """`tiny` (`tiny-vlm`) -> build the tiny (vision-language) model into the output dir (rank
+    0), else the configured path."""
+    if cfg.model.path not in ("tiny", "tiny-vlm"):
         return cfg.model.path
-    out = Path(cfg.train.output_dir) / "tiny-model"
+    vision = cfg.model.path == "tiny-vlm"
+    out = Path(cfg.train.output_dir) / ("tiny-vlm" if vision else "tiny-model")
     if dist.is_main() and not (out / "config.json").is_file():
-        make_tiny(out, size=cfg.model.tiny_size, seed=cfg.train.seed)
+        if vision:
+            build_tiny_vlm(out, seed=cfg.train.seed)
+        else:
+            make_tiny(out, size=cfg.model.tiny_size, seed=cfg.train.seed)
     dist.barrier()
     return str(out)
 

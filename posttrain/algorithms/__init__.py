@@ -44,7 +44,7 @@ def actor_critic_groups(model: torch.nn.Module, lr: float) -> list[dict[str, Any
 
 
 def _policy_loader(path: str, dtype: str, gradient_checkpointing: bool, lora: Any, cfg: Any):
-    return load_policy(path, dtype, gradient_checkpointing, lora)
+    return load_policy(path, dtype, gradient_checkpointing, lora, cfg.model.freeze_vision)
 
 
 def _reward_model_loader(path: str, dtype: str, gradient_checkpointing: bool, lora: Any, cfg: Any):

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from posttrain.data.tensors import chunk_indices, token_budget_groups
+from posttrain.models.vlm import image_model_inputs
 from posttrain.runtime import distributed as dist
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -100,8 +101,11 @@ class Algorithm(Protocol):
 
 
 def model_inputs(micro_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The subset of a micro-batch that the model's forward takes."""
-    return {k: micro_batch[k] for k in MODEL_INPUT_KEYS if k in micro_batch}
+    """The subset of a micro-batch that the model's forward takes (a VLM's rows: also their
+    image tensors, `models.vlm.image_model_inputs`)."""
+    out = {k: micro_batch[k] for k in MODEL_INPUT_KEYS if k in micro_batch}
+    out.update(image_model_inputs(micro_batch))
+    return out
 
 
 def trim_micro_batch(mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

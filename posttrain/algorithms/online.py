@@ -10,6 +10,7 @@ import torch
 from posttrain.config import Config
 from posttrain.data.tensors import pad_right
 from posttrain.models import load_reference
+from posttrain.models.vlm import image_tensors
 from posttrain.rollout.source import Sample, SampleSource
 from posttrain.runtime import distributed as dist
 
@@ -40,7 +41,8 @@ def sequences_to_tensors(
 
     Returns:
         input_ids, attention_mask: [N, L] (prompt + completion);
-        mask, adv, logp_roll: [N, L-1], aligned with next-token targets `input_ids[:, 1:]`.
+        mask, adv, logp_roll: [N, L-1], aligned with next-token targets `input_ids[:, 1:]`;
+        image prompts' tensors (`models.vlm.image_tensors`: `mm.*` [N, K, ...], `mm_count.*` [N]).
     """
     ids = [s.rollout.prompt_ids + s.rollout.completion_ids for s in samples]
     input_ids = pad_right(ids, pad_id, torch.long)
@@ -63,6 +65,7 @@ def sequences_to_tensors(
         "adv": adv,
         "logp_roll": logp_roll,
     }
+        **image_tensors([s.rollout.images for s in samples]),
 
 
 def turn_tensors(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

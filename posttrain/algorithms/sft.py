@@ -12,6 +12,7 @@ import torch
 
 from posttrain.algorithms.base import StepBatch, split_micro_batches
 from posttrain.config import Config
+from posttrain.data import shapes
 from posttrain.data.arithmetic import sft_completion
 from posttrain.data.chat import encode_sft
 from posttrain.data.packing import (
@@ -26,6 +27,7 @@ from posttrain.data.stream import RowStream
 from posttrain.data.tensors import pad_right, shard_for_rank
 from posttrain.envs.runs import transcript_rows
 from posttrain.errors import ConfigError
+from posttrain.models import vlm
 from posttrain.models.lean_logprobs import install_lean_forward, output_token_stats
 from posttrain.rollout.guide import hint_warmup_rows
 from posttrain.runtime import distributed as dist
@@ -39,6 +41,8 @@ def completion_of(row: dict[str, Any], cfg: Config, index: int) -> str:
     if cfg.data.source == "arithmetic":
         return sft_completion(row)
     raise ConfigError(
+    if cfg.data.source == "shapes":  # the answer itself (`data/shapes.py`)
+        return shapes.sft_completion(row)
         f"SFT row {index}: no '{col}' value (data.completion_column) and no conversation in "
         f"data.prompt_column; set data.completion_column to the reply's column (the row has "
         f"{', '.join(sorted(row))})"
@@ -60,8 +64,11 @@ def encode_row(tokenizer: Any, row: dict[str, Any], cfg: Config, index: int) -> 
     A row whose prompt column holds chat messages with assistant turns and that has no
     completion trains on every assistant turn (`data.prompt_column: messages` for such datasets).
     """
+    A vision-language model's row gives (input_ids, mask, image inputs) (`models/vlm.py`).
     prompt = row[cfg.data.prompt_column]
     if row.get(cfg.data.completion_column) is None and is_conversation(prompt):
+    if vlm.processor_of(tokenizer) is not None:
+        return vlm.encode_image_sft(tokenizer, row, completion_of(row, cfg, index), cfg)
         return encode_messages(tokenizer, prompt, cfg.data.system_prompt, row.get("tools"))
     return encode_sft(tokenizer, prompt, completion_of(row, cfg, index), cfg.data.system_prompt)
 
@@ -89,16 +96,18 @@ class SFT:
         cfg = self.cfg
         rows = self.stream.take(cfg.train.sft_batch_size)
         mine = shard_for_rank(len(rows), dist.rank(), dist.world_size())
-        ids, masks = [], []
+        ids, masks, images = [], [], []
         for i in mine:
             row = rows[i]
-            x, m = encode_row(self.tokenizer, row, cfg, i)
+            x, m, *mm = encode_row(self.tokenizer, row, cfg, i)  # mm: a VLM's image inputs
             ids.append(list(x))
             masks.append(list(m)[1:])
         if cfg.sft.group_by_length:
+            images.append(mm[0] if mm else None)
             order = length_order([len(x) for x in ids])
             ids, masks = [ids[j] for j in order], [masks[j] for j in order]
         if cfg.sft.packing:
+            images = [images[j] for j in order]
             return self._packed_batch(ids, masks)
         input_ids = pad_right(ids, self.pad_id, torch.long)
         attention = pad_right([[1] * len(x) for x in ids], 0, torch.long)
@@ -106,6 +115,7 @@ class SFT:
         tokens = max(dist.all_reduce_sum(float(mask.sum())), 1.0)
         t = {"input_ids": input_ids, "attention_mask": attention, "mask": mask}
         size = cfg.train.micro_batch_size_per_device
+        t.update(vlm.image_tensors(images))
         micro = split_micro_batches(t, size, cfg.train.max_tokens_per_micro_batch)
         return StepBatch(micro, {"tokens/trained": tokens}, denominator=tokens, token_total=tokens)
 
@@ -172,3 +182,5 @@ def build_sft(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> SFT:
     train, _ = load_train_eval_rows(cfg)
     check_rows(train, cfg)
     return SFT(cfg, tokenizer, hint_warmup_rows(train, cfg))
+    if vlm.processor_of(tokenizer) is not None:
+        vlm.check_vlm_config(cfg, rolls_out=False)

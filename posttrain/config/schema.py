@@ -37,7 +37,9 @@ class LoRAConfig:
 class ModelConfig:
     """Which model to train.
 
-    `path: tiny` builds the built-in tiny Qwen2 model offline into `<output_dir>/tiny-model`.
+    `path: tiny` builds the built-in tiny Qwen2 model offline into `<output_dir>/tiny-model`,
+    `path: tiny-vlm` the tiny LLaVA into `<output_dir>/tiny-vlm`. `freeze_vision`: a
+    vision-language model's vision tower does not train (requires_grad False).
     """
 
     path: str = "tiny"
@@ -46,6 +48,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     ref_path: str | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    freeze_vision: bool = True
 
 
 @dataclass(frozen=True)

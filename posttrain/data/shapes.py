@@ -4,8 +4,11 @@ Each row holds one small RGB image of coloured squares on a black background:
 ``{"prompt": str, "images": [PIL.Image], "answer": str, "box": [x1, y1, x2, y2]}``. Three kinds
 (`data.task.kind`):
 
-- ``quadrant``: one red square lies wholly inside one quadrant of the image; the answer is
-  ``top-left``, ``top-right``, ``bottom-left`` or ``bottom-right``.
+- ``quadrant``: one red square lies wholly inside one quadrant of the image; the answer is the
+  quadrant's number in reading order, ``1`` top-left, ``2`` top-right, ``3`` bottom-left, ``4``
+  bottom-right (one decisive token for a character model, scored by ``exact_answer``), or with
+  ``answer_style: word`` its name ``top-left``... (score it with a string reward, e.g.
+  ``regex_match``).
 - ``count``: 1 to ``max_count`` red squares; the answer is their number (one digit).
 - ``box``: one red square anywhere; the answer is its box ``[x1, y1, x2, y2]`` in pixels.
 
@@ -36,7 +39,8 @@ BACKGROUND = (0, 0, 0)
 RED = (255, 0, 0)
 DISTRACTOR_COLOURS = ((0, 0, 255), (0, 255, 0), (255, 255, 255))
 PROMPTS = {
-    "quadrant": "Where is the red square?",
+    "quadrant": "Red square quadrant (1-4)?",
+    "quadrant_word": "Where is the red square?",
     "count": "How many red squares?",
     "box": "Box of the red square?",
 }
@@ -47,8 +51,10 @@ DEFAULTS: dict[str, Any] = {
     "max_size": None,  # None: image_size // 4
     "max_distractors": 2,
     "max_count": 4,
+    "answer_style": "digit",  # quadrant answers: "digit" (1-4, reading order) or "word"
     "test_fraction": 0.1,
 }
+ANSWER_STYLES = ("digit", "word")
 _PLACE_TRIES = 200
 
 Square = tuple[int, int, int]  # x, y (top-left pixel), side
@@ -74,6 +80,11 @@ def resolve_task(task: dict[str, Any] | None, where: str = "data.task") -> dict[
         opts[key] = value
     if opts["kind"] not in KINDS:
         raise ConfigError(f"{where}.kind={opts['kind']!r} is not valid; use one of {list(KINDS)}")
+    if opts["answer_style"] not in ANSWER_STYLES:
+        raise ConfigError(
+            f"{where}.answer_style={opts['answer_style']!r} is not valid; use one of "
+            f"{list(ANSWER_STYLES)}"
+        )
     for key in ("image_size", "max_distractors", "max_count"):
         if not isinstance(opts[key], int) or isinstance(opts[key], bool) or opts[key] < 0:
             raise ConfigError(f"{where}.{key}={opts[key]!r} is not valid; use an integer >= 0")
@@ -210,14 +221,19 @@ def _row(targets: list[Square], opts: dict[str, Any], rng: random.Random) -> dic
         max(x + s for x, _, s in targets),
         max(y + s for _, y, s in targets),
     ]
+    prompt = PROMPTS[kind]
     if kind == "quadrant":
         answer = quadrant_of(targets[0], size)
+        if opts["answer_style"] == "digit":
+            answer = str(QUADRANTS.index(answer) + 1)
+        else:
+            prompt = PROMPTS["quadrant_word"]
     elif kind == "count":
         answer = str(len(targets))
     else:
         answer = box_text(box)
     image = render(size, squares)
-    return {"prompt": PROMPTS[kind], "images": [image], "answer": answer, "box": box}
+    return {"prompt": prompt, "images": [image], "answer": answer, "box": box}
 
 
 def make_split(split: str, n: int, seed: int, **task: Any) -> list[dict[str, Any]]:
@@ -231,7 +247,7 @@ def make_split(split: str, n: int, seed: int, **task: Any) -> list[dict[str, Any
         n: number of rows (distinct red-square placements).
         seed: sampling seed (does not change which split a placement belongs to).
         **task: `data.task` options (`DEFAULTS`): kind, image_size, min_size, max_size,
-            max_distractors, max_count, test_fraction.
+            max_distractors, max_count, answer_style, test_fraction.
 
     Returns:
         ``n`` rows ``{"prompt", "images": [PIL.Image], "answer", "box"}``.

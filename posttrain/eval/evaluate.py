@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.config import Config
-from posttrain.data.chat import encode_prompts, render_prompt
+from posttrain.data.chat import render_prompt
 from posttrain.eval.statistics import pass_at_k
+from posttrain.models.vlm import prompt_inputs
 from posttrain.rollout.engine import SamplingConfig
 from rewards import RewardSpec, score
 
@@ -69,21 +70,23 @@ def evaluate_details(
     rows = rows[: ev.num_problems]
     if not rows:
         return None
-    ids = _prompt_ids(tokenizer, rows, cfg)
+    ids, kw = prompt_inputs(tokenizer, rows, cfg)  # a VLM's: images=[...]
     max_new = ev.max_new_tokens or cfg.rollout.max_new_tokens
-    greedy = engine.generate(ids, SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new))
+    greedy_sampling = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new)
+    greedy = engine.generate(ids, greedy_sampling, **kw)
     greedy_correct = _correct(cfg, rows, [r.text for r in greedy], 1)
-    sampled = [_sampled(engine, ids, rows, cfg, ev.k, seed) for seed in ev.seeds]
+    sampled = [_sampled(engine, ids, rows, cfg, ev.k, seed, kw) for seed in ev.seeds]
     return EvalDetails(greedy_correct, sampled, list(ev.seeds), ev.k)
 
 
-def _prompt_ids(tokenizer: Any, rows: list[dict], cfg: Config) -> list[list[int]]:
-    prompts = [r[cfg.data.prompt_column] for r in rows]
-    return encode_prompts(tokenizer, prompts, cfg.data.system_prompt, cfg.data.max_prompt_tokens)
-
-
 def _sampled(
-    engine: Any, ids: list[list[int]], rows: list[dict], cfg: Config, n: int, seed: int
+    engine: Any,
+    ids: list[list[int]],
+    rows: list[dict],
+    cfg: Config,
+    n: int,
+    seed: int,
+    kw: dict[str, Any],
 ) -> list[list[float]]:
     """[P][n] correctness of n samples per problem at `eval.temperature`/`eval.top_p`."""
     ev = cfg.eval
@@ -94,7 +97,7 @@ def _sampled(
         max_new_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens,
         seed=seed,
     )
-    correct = _correct(cfg, rows, [r.text for r in engine.generate(ids, sampling)], n)
+    correct = _correct(cfg, rows, [r.text for r in engine.generate(ids, sampling, **kw)], n)
     return [correct[i * n : (i + 1) * n] for i in range(len(rows))]
 
 
@@ -119,9 +122,10 @@ def pass_counts(
     rows = rows[: cfg.eval.num_problems]
     if not rows or n < 1 or not cfg.eval.seeds:
         return None
-    ids = _prompt_ids(tokenizer, rows, cfg)
+    ids, kw = prompt_inputs(tokenizer, rows, cfg)
     return [
-        [int(sum(p)) for p in _sampled(engine, ids, rows, cfg, n, seed)] for seed in cfg.eval.seeds
+        [int(sum(p)) for p in _sampled(engine, ids, rows, cfg, n, seed, kw)]
+        for seed in cfg.eval.seeds
     ]
 
 

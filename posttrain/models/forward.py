@@ -9,7 +9,14 @@ import torch
 
 from posttrain.data.tensors import chunk_indices
 from posttrain.models.lean_logprobs import lean_forward, output_token_stats
+from posttrain.models.vlm import MM_COUNT_PREFIX, MM_PREFIX, image_model_inputs
 from posttrain.runtime import distributed as dist
+
+
+def rows_of(t: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tensor]:
+    """The image tensors (`mm.*`, `mm_count.*`) of rows `idx` of `t` ({} for text rows)."""
+    keys = [k for k in t if k.startswith((MM_PREFIX, MM_COUNT_PREFIX))]
+    return {k: t[k][idx] for k in keys}
 
 
 @torch.no_grad()
@@ -24,7 +31,8 @@ def policy_token_stats(
 
     Args:
         model: the trained policy (DeepSpeed engine or causal LM), as it is now.
-        t: `input_ids`, `attention_mask` [N, L].
+        t: `input_ids`, `attention_mask` [N, L]; a VLM's rows also their image tensors
+            (`models.vlm.image_tensors`: `mm.<name>` [N, K, ...], `mm_count.<name>` [N]).
         temperature: the sampler's temperature (logits are divided by it).
             Models with lean-forward hooks (`lean_logprobs.install_lean_forward`) are run lean:
             no [rows, L, V] logits, chunked log-probs from the last hidden state.
@@ -39,14 +47,15 @@ def policy_token_stats(
     olds, ents, refs = [], [], []
     for idx in chunk_indices(t["input_ids"].shape[0], micro_size):
         ids, att = t["input_ids"][idx].to(device), t["attention_mask"][idx].to(device)
+        images = {k: v.to(device) for k, v in image_model_inputs(rows_of(t, idx)).items()}
         with lean_forward(model):
-            out = model(input_ids=ids, attention_mask=att)
+            out = model(input_ids=ids, attention_mask=att, **images)
         logp, entropy = output_token_stats(out, ids, temperature, entropy="metric")
         olds.append(logp.cpu())
         ents.append(entropy.cpu())
         if ref_model is not None:
             with lean_forward(ref_model):
-                ref_out = ref_model(input_ids=ids, attention_mask=att)
+                ref_out = ref_model(input_ids=ids, attention_mask=att, **images)
             refs.append(output_token_stats(ref_out, ids, temperature)[0].cpu())
     out = {"logp_old": torch.cat(olds), "entropy_old": torch.cat(ents)}
     if refs:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from posttrain.errors import ConfigError
+from posttrain.models import vlm
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -77,6 +78,8 @@ def load_tokenizer(path: str | Path) -> Any:
                 "pad_token) in its tokenizer_config.json, e.g. the token that ends a chat turn"
             )
         tokenizer.pad_token = tokenizer.eos_token
+    if vlm.is_vlm(name):  # the image processor rides along (prompts, checkpoints)
+        vlm.attach_processor(tokenizer, vlm.load_processor(name))
     return tokenizer
 
 
@@ -84,6 +87,8 @@ def _load_causal_lm(path: str | Path, dtype: str | torch.dtype, what: str) -> An
     from transformers import AutoModelForCausalLM
 
     name = resolve_model_path(path, what)
+    if vlm.is_vlm(name):
+        return vlm.load_vlm(name, _torch_dtype(dtype), what)
     try:
         return AutoModelForCausalLM.from_pretrained(name, dtype=_torch_dtype(dtype))
     except OSError as exc:
@@ -95,24 +100,30 @@ def load_policy(
     dtype: str | torch.dtype = "float32",
     gradient_checkpointing: bool = False,
     lora: Any = None,
+    freeze_vision: bool = True,
 ) -> Any:
-    """Load the trainable policy (AutoModelForCausalLM) in train mode.
+    """Load the trainable policy (AutoModelForCausalLM, or a VLM: `models/vlm.py`) in train mode.
 
     Args:
         path: local model directory (with config.json) or hub name.
         dtype: "float32" | "bfloat16" | "float16" (or a torch.dtype).
         gradient_checkpointing: enable non-reentrant activation checkpointing (disables KV cache).
         lora: a `LoRAConfig` (`model.lora`); with r > 0 the model is wrapped by peft
-            (`posttrain.runtime.lora.apply_lora`) and only the adapter weights require grad.
+            (`posttrain.runtime.lora.apply_lora`) and only the adapter weights require grad
+            (of a VLM's language model only).
+        freeze_vision: a VLM's vision tower gets requires_grad False (`model.freeze_vision`).
     """
     model = _load_causal_lm(path, dtype, "model.path")
+    vision = hasattr(model.config, "vision_config")
+    if vision and freeze_vision:
+        vlm.freeze_vision(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora is not None and lora.r > 0:
         from posttrain.runtime.lora import apply_lora
 
-        model = apply_lora(model, lora)
+        model = apply_lora(model, vlm.language_lora(model, lora) if vision else lora)
     model.train()
     return model
 

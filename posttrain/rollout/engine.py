@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from posttrain.errors import ConfigError, RolloutError
+from posttrain.models.vlm import ImageInputs
 
 
 class RolloutServerError(RolloutError):
@@ -58,6 +59,8 @@ class Rollout:
             first; an observation token gets the turn it answers); None: one turn.
         turn_rewards: an episode's per-turn rewards (None where the environment gave none).
         turn_progress: an episode's reported progress after each turn (None where none).
+        images: a vision-language prompt's images and image tensors (`models/vlm.py`; the
+            prompt ids hold the expanded image tokens); None for a text prompt.
     """
 
     prompt_index: int
@@ -76,6 +79,8 @@ class Rollout:
     turn_index: list[int] | None = None
     turn_rewards: tuple[float | None, ...] = ()
     turn_progress: tuple[float | None, ...] = ()
+    # vision-language prompts: shared by the prompt's samples, never modified
+    images: ImageInputs | None = None
 
 
 def check_sampling(sampling: SamplingConfig) -> None:
@@ -98,6 +103,10 @@ class RolloutEngine(Protocol):
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
         """Sample `sampling.n` completions per prompt.
+
+        An engine that serves vision-language models also takes `images=` (one
+        `ImageInputs | None` per prompt, prompt ids with the expanded image tokens); callers pass
+        it only for image prompts, and every rollout of prompt i carries `images[i]`.
 
         Returns:
             len(prompt_ids) * sampling.n rollouts in prompt-major order (all samples of prompt 0,

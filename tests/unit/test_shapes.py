@@ -61,14 +61,17 @@ def test_deterministic_and_prefix(kind):
     assert pixels != [r["images"][0].tobytes() for r in other]
 
 
-@pytest.mark.parametrize("kind", shapes.KINDS)
+@pytest.mark.parametrize("kind", [*shapes.KINDS, "quadrant_word"])
 @pytest.mark.parametrize("image_size", [32, 48])
 def test_answers_recomputed_from_pixels(kind, image_size):
-    rows = shapes.make_split("train", 150, seed=1, kind=kind, image_size=image_size)
+    words = kind == "quadrant_word"
+    task = {"kind": "quadrant", "answer_style": "word"} if words else {"kind": kind}
+    rows = shapes.make_split("train", 150, seed=1, image_size=image_size, **task)
+    kind = task["kind"]
     for row in rows:
         (image,) = row["images"]
         assert image.mode == "RGB" and image.size == (image_size, image_size)
-        assert row["prompt"] == shapes.PROMPTS[kind]
+        assert row["prompt"] == shapes.PROMPTS["quadrant_word" if words else kind]
         boxes = red_boxes(image)
         enclosing = [
             min(b[0] for b in boxes),
@@ -82,13 +85,15 @@ def test_answers_recomputed_from_pixels(kind, image_size):
         else:
             assert len(boxes) == 1
         if kind == "quadrant":
-            assert row["answer"] == _quadrant(boxes[0], image_size)
+            name = _quadrant(boxes[0], image_size)
+            order = ["top-left", "top-right", "bottom-left", "bottom-right"]
+            assert row["answer"] == (name if words else str(order.index(name) + 1))
         if kind == "box":
             x1, y1, x2, y2 = boxes[0]
             assert row["answer"] == f"[{x1}, {y1}, {x2}, {y2}]"
     answers = {r["answer"] for r in rows}
     if kind == "quadrant":
-        assert answers == set(shapes.QUADRANTS)
+        assert answers == (set(shapes.QUADRANTS) if words else {"1", "2", "3", "4"})
     if kind == "count":
         assert answers == {"1", "2", "3", "4"}
 
@@ -145,6 +150,7 @@ def test_load_rows_source_and_config_wiring():
         ({"image_size": 8}, r"data.task.image_size=8"),
         ({"min_size": 9, "max_size": 4}, r"min_size=9, max_size=4"),
         ({"max_count": 12}, r"data.task.max_count=12"),
+        ({"answer_style": "letter"}, r"data.task.answer_style='letter'.*digit"),
     ],
 )
 def test_bad_task_is_one_config_error(task, fragment):
@@ -160,3 +166,14 @@ def test_too_many_rows_names_the_capacity():
         shapes.make_split("test", 5000, 0, kind="quadrant")
     with pytest.raises(ConfigError, match=r"data\.train_size is required for source 'shapes'"):
         load_rows("shapes", n=None, n_name="data.train_size")
+
+
+@pytest.mark.parametrize("kind", ["quadrant", "count"])
+def test_exact_answer_scores_digit_answers(kind):
+    from rewards.math import exact_answer
+
+    rows = shapes.make_split("train", 20, 0, kind=kind)
+    answers = [r["answer"] for r in rows]
+    wrong = [str(int(a) % 4 + 1) for a in answers]  # answers are 1-4: another digit
+    assert exact_answer([""] * 20, answers, answer=answers) == [1.0] * 20
+    assert exact_answer([""] * 20, wrong, answer=answers) == [0.0] * 20
