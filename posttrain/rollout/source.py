@@ -183,7 +183,7 @@ class RolloutSource:
         cfg = self.cfg
         ids, image_kw = prompt_inputs(self.tokenizer, rows, cfg)  # a VLM's: images=[...]
         t0 = time.perf_counter()
-        rollouts = self.engine.generate(ids, step_sampling(self.cfg, step, round_))
+        rollouts = self.engine.generate(ids, step_sampling(self.cfg, step, round_), **image_kw)
         t1 = time.perf_counter()
         G = cfg.rollout.samples_per_prompt
         result = self._score(rollouts, [rows[i // G] for i in range(len(rollouts))], model)

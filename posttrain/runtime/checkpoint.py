@@ -149,7 +149,8 @@ def save(
         if hasattr(module, "export_module"):  # PPO's ActorCritic saves only its policy
             module = module.export_module()
         module.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        # a VLM's tokenizer carries its processor (models/vlm.py): save all of it
+        getattr(tokenizer, "posttrain_processor", tokenizer).save_pretrained(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
     torch.save(rng_state() if rng is None else rng, tmp / f"rng_rank{dist.rank()}.pt")
     dist.barrier()
