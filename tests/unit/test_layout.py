@@ -16,7 +16,7 @@ PACKAGES = ("posttrain", "rewards")
 # its own layer or below, never above. Within a layer the cycle test keeps the order acyclic.
 LAYERS: list[tuple[str, ...]] = [
     ("posttrain.errors",),
-    # pure math and the built-in synthetic task: no config, no I/O
+    # pure math and the built-in synthetic tasks: no config, no I/O
     (
         "posttrain.losses",
         "posttrain.off_policy",
@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
         "posttrain.turn_credit",
         "posttrain.guidance",
         "posttrain.data.arithmetic",
+        "posttrain.data.shapes",
     ),
     ("posttrain.runtime",),  # plain arguments in, no Config type
     ("posttrain.config",),
