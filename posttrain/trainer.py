@@ -44,7 +44,7 @@ from posttrain.eval.report import RunResult, finish
 from posttrain.models import load_tokenizer, make_tiny
 from posttrain.models.tiny_vlm import build_tiny_vlm
 from posttrain.rollout.vllm_local import close_live_engines
-from posttrain.runtime import checkpoint, dsconfig, rundir
+from posttrain.runtime import checkpoint, dsconfig, phase_trace, rundir
 from posttrain.runtime import distributed as dist
 from posttrain.runtime.logging import RunLogger, progress
 from posttrain.runtime.numerics import (
@@ -131,9 +131,12 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         try:
             self.model_path = self._warmup(resolve_model_path(config))
-            self.tokenizer = load_tokenizer(self.model_path)
-            self.engine = self._build_engine()
-            self.algorithm = build_algorithm(config, self.model_path, self.tokenizer, self.engine)
+            with phase_trace.span("model load"):  # POSTTRAIN_PHASE_TRACE (opt-in)
+                self.tokenizer = load_tokenizer(self.model_path)
+                self.engine = self._build_engine()
+                self.algorithm = build_algorithm(
+                    config, self.model_path, self.tokenizer, self.engine
+                )
         except ConfigError:
             self._undo()
             raise
@@ -260,6 +263,8 @@ class Trainer:
             path = found
         state = checkpoint.load(Path(path), self.engine)
         self.step = int(state["step"])
+        if dist.is_main():  # which checkpoint a resume loaded (benchmarks/reliability.py reads it)
+            print(f"[posttrain] resumed from {path} (step {self.step})", flush=True)
         self.bad_steps.total = int(state.get("skipped_steps", 0))
         self.algorithm.load_state_dict(state["algorithm"])
         self.algorithm.after_step(self.engine, self.step)
@@ -321,14 +326,16 @@ class Trainer:
                         return None
                     outputs = self.engine(**model_inputs(mb))
                     loss, shares = self.algorithm.loss(outputs, mb, batch)
-                    self.engine.backward(loss * world, scale_wrt_gas=False)
+                    with phase_trace.span("backward"):
+                        self.engine.backward(loss * world, scale_wrt_gas=False)
                     value = float(loss.detach())
                     self.grad_check.see_loss(value)
                     add_shares(done.totals, {"loss": value, **shares})
                 if may_abandon and self.preemption.abandon_requested():
                     return None
                 local_norm = self._local_grad_norm()
-                self._optimizer_step(done)
+                with phase_trace.span("optimizer step"):
+                    self._optimizer_step(done)
             norm = self.engine.get_global_grad_norm()
             norm = local_norm if norm is None else norm
             if norm is not None:

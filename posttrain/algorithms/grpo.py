@@ -34,6 +34,7 @@ from posttrain.models.lean_logprobs import install_lean_forward, output_token_st
 from posttrain.rollout.factory import make_rollout_source
 from posttrain.rollout.source import Sample, SampleSource
 from posttrain.runtime import distributed as dist
+from posttrain.runtime import phase_trace
 
 
 class GRPO(OnlineAlgorithm):
@@ -89,7 +90,8 @@ class GRPO(OnlineAlgorithm):
         seq_total = max(dist.all_reduce_sum(float(t["mask"].any(-1).sum())), 1.0)
         t0 = time.perf_counter()
         if self.recompute_old or cfg.kl.coef > 0 or cfg.advantage.entropy_modulation:
-            self._add_old_and_ref(t, model)
+            with phase_trace.span("logprob"):  # POSTTRAIN_PHASE_TRACE (opt-in)
+                self._add_old_and_ref(t, model)
         if any(s.hint_prompt_ids is not None for s in flat):  # Guide (same on every rank)
             self._add_hinted_old(t, seqs, model)
         metrics["time/logprob_s"] = time.perf_counter() - t0

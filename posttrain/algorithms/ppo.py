@@ -34,6 +34,7 @@ from posttrain.models.lean_logprobs import install_lean_forward, lean_forward, o
 from posttrain.rollout.factory import make_rollout_source
 from posttrain.rollout.source import SampleSource
 from posttrain.runtime import distributed as dist
+from posttrain.runtime import phase_trace
 
 
 def global_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
@@ -138,7 +139,10 @@ class PPO(OnlineAlgorithm):
         rewards = torch.tensor([s.reward if s.valid else 0.0 for s in seqs], dtype=torch.float)
         t0 = time.perf_counter()
         size = cfg.train.micro_batch_size_per_device
-        t.update(actor_critic_token_stats(model, t, cfg.rollout.temperature, size, self.ref_model))
+        with phase_trace.span("logprob"):  # POSTTRAIN_PHASE_TRACE (opt-in)
+            t.update(
+                actor_critic_token_stats(model, t, cfg.rollout.temperature, size, self.ref_model)
+            )
         metrics["time/logprob_s"] = time.perf_counter() - t0
         metrics.update(self._advantages(t, rewards, len(flat)))
         denom_local = losses.aggregation_denominator(t["mask"], cfg.loss.aggregation)

@@ -45,6 +45,7 @@ from typing import Any
 
 from posttrain.errors import ConfigError
 from posttrain.rollout.source import RolloutSource
+from posttrain.runtime import phase_trace
 
 
 class _Job:
@@ -106,7 +107,8 @@ class AsyncRolloutSource:
     def _generate(self, job: _Job) -> tuple[list[list[Any]], dict]:
         """Worker thread: remember the stream position, then generate the job's batch."""
         job.stream_before = copy.deepcopy(self.source.stream.state_dict())
-        return self.source.collect_groups(job.step)
+        with phase_trace.span("async prefetch"):  # POSTTRAIN_PHASE_TRACE (opt-in)
+            return self.source.collect_groups(job.step)
 
     def _fill(self) -> None:
         """Queue every batch the engine's weights may generate (step <= version + k)."""

@@ -40,6 +40,7 @@ from posttrain.rollout.episodes import (
 from posttrain.rollout.sharded import EpisodeShards
 from posttrain.rollout.source import RolloutSource, Sample, rollout_metrics, step_sampling
 from posttrain.runtime import distributed as dist
+from posttrain.runtime import phase_trace
 from rewards import score
 
 TRANSCRIPTS_PER_EVAL = 4
@@ -180,7 +181,8 @@ class EpisodeSource(RolloutSource):
         start, stop = self._block(len(indices))
         rows = [self.stream.rows[i] for i in indices[start:stop] for _ in range(G)]
         t0 = time.perf_counter()
-        eps, rewards = self._play(rows, step_sampling(self.cfg, step))
+        with phase_trace.span("generate"):  # POSTTRAIN_PHASE_TRACE (opt-in)
+            eps, rewards = self._play(rows, step_sampling(self.cfg, step))
         elapsed = time.perf_counter() - t0
         samples = [
             Sample(episode_rollout(ep, i // G), rew, rew is not None)

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from posttrain.errors import ConfigError, NumericalError, RolloutError
+from posttrain.runtime import phase_trace
 
 EXIT_CODE = 124  # like coreutils `timeout`
 LIMIT_KEY = "train.phase_timeout_s"
@@ -116,8 +117,10 @@ class Watchdog:
         outer = self._current
         start = time.monotonic()
         self._current = (name, start)
+        traced = phase_trace.WATCHDOG_PHASES.get(name)  # POSTTRAIN_PHASE_TRACE (opt-in)
         try:
-            yield
+            with phase_trace.span(traced):
+                yield
         except _REPORTED_ELSEWHERE:
             raise
         except BaseException as err:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from posttrain.runtime import lora
+from posttrain.runtime import lora, phase_trace
 
 # 2**27 elements: 256 MiB of bf16 (a 7B model's decoder layer is ~0.2e9 elements: about one).
 DEFAULT_BUCKET_NUMEL = 1 << 27
@@ -171,10 +171,11 @@ def push_weights(engine: Any, rollout: Any, version: int) -> dict[str, float]:
     """
     stats: dict[str, float] = {}
     start = time.perf_counter()
-    stream = stream_weights(engine, stats=stats)
-    rollout.load_weights(stream, version)
-    for _ in stream:  # no-op when load_weights consumed everything
-        pass
+    with phase_trace.span("weight sync"):  # POSTTRAIN_PHASE_TRACE (opt-in)
+        stream = stream_weights(engine, stats=stats)
+        rollout.load_weights(stream, version)
+        for _ in stream:  # no-op when load_weights consumed everything
+            pass
     return {
         "time/sync_s": time.perf_counter() - start,
         "time/sync_gather_s": stats.get("gather_s", 0.0),
