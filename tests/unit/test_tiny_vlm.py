@@ -158,3 +158,27 @@ def test_cli_make_tiny_vlm(tmp_path):
 def test_bad_sizes(tmp_path, image_size, patch_size):
     with pytest.raises(ConfigError, match="image_size"):
         build_tiny_vlm(tmp_path / "x", image_size=image_size, patch_size=patch_size)
+
+
+@pytest.mark.parametrize("kind", ["quadrant", "count", "box"])
+def test_shapes_rows_through_the_processor(loaded, kind):
+    from posttrain.data.images import image_messages
+    from posttrain.data.loading import load_rows
+
+    model, processor = loaded
+    opts = {"column": "images", "max_images": 1, "max_pixels": 32 * 32}
+    rows = load_rows("shapes", n=3, task_kwargs={"kind": kind}, image_options=opts)
+    for row in rows:
+        msgs = image_messages(row["prompt"], len(row["images"]))
+        text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        assert (
+            text == f"<|im_start|>user\n<image>{row['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+        )
+        enc = processor(images=row["images"], text=[text], return_tensors="pt")
+        n_text = len(
+            processor.tokenizer(text)["input_ids"]
+        )  # <image> is one token before expansion
+        assert enc["input_ids"].shape[1] == n_text - 1 + 16
+        assert int((enc["input_ids"] == model.config.image_token_index).sum()) == 16
+        with torch.no_grad():
+            assert model(**enc).logits.shape[1] == n_text + 15
