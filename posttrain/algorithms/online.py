@@ -64,8 +64,8 @@ def sequences_to_tensors(
         "mask": mask,
         "adv": adv,
         "logp_roll": logp_roll,
-    }
         **image_tensors([s.rollout.images for s in samples]),
+    }
 
 
 def turn_tensors(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -40,9 +40,9 @@ def completion_of(row: dict[str, Any], cfg: Config, index: int) -> str:
         return str(row[col])
     if cfg.data.source == "arithmetic":
         return sft_completion(row)
-    raise ConfigError(
     if cfg.data.source == "shapes":  # the answer itself (`data/shapes.py`)
         return shapes.sft_completion(row)
+    raise ConfigError(
         f"SFT row {index}: no '{col}' value (data.completion_column) and no conversation in "
         f"data.prompt_column; set data.completion_column to the reply's column (the row has "
         f"{', '.join(sorted(row))})"
@@ -63,12 +63,12 @@ def encode_row(tokenizer: Any, row: dict[str, Any], cfg: Config, index: int) -> 
 
     A row whose prompt column holds chat messages with assistant turns and that has no
     completion trains on every assistant turn (`data.prompt_column: messages` for such datasets).
-    """
     A vision-language model's row gives (input_ids, mask, image inputs) (`models/vlm.py`).
+    """
     prompt = row[cfg.data.prompt_column]
-    if row.get(cfg.data.completion_column) is None and is_conversation(prompt):
     if vlm.processor_of(tokenizer) is not None:
         return vlm.encode_image_sft(tokenizer, row, completion_of(row, cfg, index), cfg)
+    if row.get(cfg.data.completion_column) is None and is_conversation(prompt):
         return encode_messages(tokenizer, prompt, cfg.data.system_prompt, row.get("tools"))
     return encode_sft(tokenizer, prompt, completion_of(row, cfg, index), cfg.data.system_prompt)
 
@@ -102,20 +102,20 @@ class SFT:
             x, m, *mm = encode_row(self.tokenizer, row, cfg, i)  # mm: a VLM's image inputs
             ids.append(list(x))
             masks.append(list(m)[1:])
-        if cfg.sft.group_by_length:
             images.append(mm[0] if mm else None)
+        if cfg.sft.group_by_length:
             order = length_order([len(x) for x in ids])
             ids, masks = [ids[j] for j in order], [masks[j] for j in order]
-        if cfg.sft.packing:
             images = [images[j] for j in order]
+        if cfg.sft.packing:
             return self._packed_batch(ids, masks)
         input_ids = pad_right(ids, self.pad_id, torch.long)
         attention = pad_right([[1] * len(x) for x in ids], 0, torch.long)
         mask = pad_right(masks, 0, torch.float)[:, : input_ids.shape[1] - 1]
         tokens = max(dist.all_reduce_sum(float(mask.sum())), 1.0)
         t = {"input_ids": input_ids, "attention_mask": attention, "mask": mask}
-        size = cfg.train.micro_batch_size_per_device
         t.update(vlm.image_tensors(images))
+        size = cfg.train.micro_batch_size_per_device
         micro = split_micro_batches(t, size, cfg.train.max_tokens_per_micro_batch)
         return StepBatch(micro, {"tokens/trained": tokens}, denominator=tokens, token_total=tokens)
 
@@ -179,8 +179,8 @@ def build_sft(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> SFT:
     install_lean_forward(engine, cfg.train.logprob_chunk_tokens)
     if cfg.env.name is not None:
         return SFT(cfg, tokenizer, transcript_rows(cfg))
+    if vlm.processor_of(tokenizer) is not None:
+        vlm.check_vlm_config(cfg, rolls_out=False)
     train, _ = load_train_eval_rows(cfg)
     check_rows(train, cfg)
     return SFT(cfg, tokenizer, hint_warmup_rows(train, cfg))
-    if vlm.processor_of(tokenizer) is not None:
-        vlm.check_vlm_config(cfg, rolls_out=False)

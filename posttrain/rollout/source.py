@@ -26,7 +26,6 @@ from posttrain.models.vlm import image_tensors, prompt_inputs
 from posttrain.rollout.engine import Rollout, SamplingConfig
 from posttrain.rollout.guide import guide_groups, guide_metrics
 from posttrain.runtime import distributed as dist
-from posttrain.runtime import phase_trace
 from posttrain.runtime.weight_sync import push_adapter, push_weights
 from rewards import RewardSpec, score
 from rewards.boundary import reward_metrics
@@ -72,9 +71,9 @@ def completion_entropy(
     t = {
         "input_ids": pad_right(ids, pad_id, torch.long),
         "attention_mask": pad_right([[1] * len(x) for x in ids], 0, torch.long),
+        **image_tensors([r.images for r in rollouts]),
     }
     entropy = policy_token_stats(model, t, temperature, micro_size)["entropy_old"]  # [N, L-1]
-        **image_tensors([r.images for r in rollouts]),
     out: list[float | None] = []
     for i, r in enumerate(rollouts):
         start, n = len(r.prompt_ids) - 1, len(r.completion_ids)
@@ -184,12 +183,10 @@ class RolloutSource:
         cfg = self.cfg
         ids, image_kw = prompt_inputs(self.tokenizer, rows, cfg)  # a VLM's: images=[...]
         t0 = time.perf_counter()
-        with phase_trace.span("generate"):
-            rollouts = self.engine.generate(ids, step_sampling(self.cfg, step, round_), **image_kw)
+        rollouts = self.engine.generate(ids, step_sampling(self.cfg, step, round_), **image_kw)
         t1 = time.perf_counter()
         G = cfg.rollout.samples_per_prompt
-        with phase_trace.span("reward"):
-            result = self._score(rollouts, [rows[i // G] for i in range(len(rollouts))], model)
+        result = self._score(rollouts, [rows[i // G] for i in range(len(rollouts))], model)
         t2 = time.perf_counter()
         return rollouts, result, t1 - t0, t2 - t1
 
