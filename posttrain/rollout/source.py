@@ -26,6 +26,7 @@ from posttrain.models.vlm import image_tensors, prompt_inputs
 from posttrain.rollout.engine import Rollout, SamplingConfig
 from posttrain.rollout.guide import guide_groups, guide_metrics
 from posttrain.runtime import distributed as dist
+from posttrain.runtime import phase_trace
 from posttrain.runtime.weight_sync import push_adapter, push_weights
 from rewards import RewardSpec, score
 from rewards.boundary import reward_metrics
@@ -183,10 +184,12 @@ class RolloutSource:
         cfg = self.cfg
         ids, image_kw = prompt_inputs(self.tokenizer, rows, cfg)  # a VLM's: images=[...]
         t0 = time.perf_counter()
-        rollouts = self.engine.generate(ids, step_sampling(self.cfg, step, round_), **image_kw)
+        with phase_trace.span("generate"):
+            rollouts = self.engine.generate(ids, step_sampling(self.cfg, step, round_), **image_kw)
         t1 = time.perf_counter()
         G = cfg.rollout.samples_per_prompt
-        result = self._score(rollouts, [rows[i // G] for i in range(len(rollouts))], model)
+        with phase_trace.span("reward"):
+            result = self._score(rollouts, [rows[i // G] for i in range(len(rollouts))], model)
         t2 = time.perf_counter()
         return rollouts, result, t1 - t0, t2 - t1
 
