@@ -24,36 +24,54 @@ __all__ = ["GuessNumberEnv", "interval_progress", "make_rows", "sft_transcripts"
 
 TEST_FRACTION = 0.25
 DEFAULT_HIGH = 16
+# the range sizes of the task generator: a task is "from 1 to N" for N in this range
+HIGHS = (8, 30)
 
 
-def _secrets(high: int, split: str) -> list[int]:
-    """The secrets of one split for numbers in [1, high] (both splits non-empty)."""
-    pool = [k for k in range(1, high + 1) if split_of(f"guess:{high}:{k}", TEST_FRACTION) == split]
+def _highs(highs: tuple[int, int], split: str) -> list[int]:
+    """The range sizes N of one split (both splits non-empty)."""
+    lo, hi = highs
+    pool = [h for h in range(lo, hi + 1) if split_of(f"guess:high:{h}", TEST_FRACTION) == split]
     if not pool:
-        raise ConfigError(f"guess_number: high={high} is too small to have a {split} split")
+        raise ConfigError(f"guess_number: highs={highs} is too narrow to have a {split} split")
     return pool
 
 
 def make_rows(
-    n: int, seed: int = 0, split: str = "train", high: int = DEFAULT_HIGH
+    n: int, seed: int = 0, split: str = "train", highs: tuple[int, int] = HIGHS
 ) -> list[dict[str, Any]]:
-    """`n` guessing tasks of one split; secrets repeat (there are only `high` of them).
+    """`n` guessing tasks of one split: a range [1, N] and a secret drawn uniformly from it.
+
+    The split is by range size N (a stable hash of N picks each), not by secret: every secret
+    position occurs in both splits, and a held-out task asks for the same search over a range
+    size never seen in training. (A split by secret would let RL learn to avoid the held-out
+    numbers, since they are never a winning answer in training.)
 
     Args:
         n: number of rows.
-        seed: sampling seed (does not change which split a secret belongs to).
-        split: `"train"` or `"test"`: disjoint sets of secrets (a stable hash picks each).
-        high: the largest number (the range is [1, high]).
+        seed: sampling seed (does not change which split a range size belongs to).
+        split: `"train"` or `"test"`: disjoint sets of range sizes.
+        highs: the smallest and largest N (each >= 4).
 
     Returns:
         Rows `{"prompt", "secret", "high"}`.
     """
     check_split("guess_number", split, n)
-    if not isinstance(high, int) or high < 4:
-        raise ConfigError(f"guess_number: high={high!r} is not valid; use an integer >= 4")
-    pool, rng = _secrets(high, split), task_rng("guess_number", split, seed)
-    prompt = f"Guess my number from 1 to {high}."
-    return [{"prompt": prompt, "secret": rng.choice(pool), "high": high} for _ in range(n)]
+    lo, hi = highs
+    if not (isinstance(lo, int) and isinstance(hi, int) and 4 <= lo <= hi):
+        raise ConfigError(f"guess_number: highs={highs!r} is not valid; use integers 4 <= lo <= hi")
+    pool, rng = _highs((lo, hi), split), task_rng("guess_number", split, seed)
+    rows = []
+    for _ in range(n):
+        high = rng.choice(pool)
+        rows.append(
+            {
+                "prompt": f"Guess my number from 1 to {high}.",
+                "secret": rng.randint(1, high),
+                "high": high,
+            }
+        )
+    return rows
 
 
 def _reply(guess: int | None, secret: int, high: int) -> str:

@@ -331,7 +331,7 @@ GENERATORS = {
     "code_feedback": code_feedback,
     "guess_number": guess_number,
 }
-TASK_KEY = {"calculator": "prompt", "code_feedback": "entry", "guess_number": "secret"}
+TASK_KEY = {"calculator": "prompt", "code_feedback": "entry", "guess_number": "high"}
 
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))
@@ -528,3 +528,23 @@ def test_the_readme_environment_plays_a_countdown() -> None:
     env.reset({"n": 3})
     wrong = env.step(Turn("2", (), ()))  # a wrong number ends the episode unsolved
     assert wrong.done and env.final_reward() == 0.0
+
+
+def test_guess_number_splits_by_range_size_so_every_secret_position_is_in_both() -> None:
+    train, test = guess_number.make_rows(3000, 0, "train"), guess_number.make_rows(600, 0, "test")
+    train_highs, test_highs = {r["high"] for r in train}, {r["high"] for r in test}
+    assert train_highs.isdisjoint(test_highs)
+    assert train_highs | test_highs == set(range(guess_number.HIGHS[0], guess_number.HIGHS[1] + 1))
+    for r in train + test:
+        assert (
+            1 <= r["secret"] <= r["high"]
+            and r["prompt"] == f"Guess my number from 1 to {r['high']}."
+        )
+    # every secret a held-out task asks for is also a winning answer in training
+    assert {r["secret"] for r in test} <= {r["secret"] for r in train}
+    # uniform secrets: each secret of a range of size N is drawn about 1/N of the time
+    by_high = [r for r in train if r["high"] == max(train_highs)]
+    counts = [sum(r["secret"] == k for r in by_high) for k in range(1, max(train_highs) + 1)]
+    assert min(counts) > 0 and max(counts) < 4 * len(by_high) / len(counts)
+    with pytest.raises(ConfigError, match="highs"):
+        guess_number.make_rows(3, 0, "train", highs=(10, 3))
