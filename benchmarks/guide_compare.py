@@ -11,7 +11,8 @@ all-fail fraction per step (both arms, mean over seeds, 10-step moving average).
 
 Usage:
     .venv/bin/python benchmarks/guide_compare.py [--seeds 0,1,2] [--steps 120]
-        [--out benchmarks/results/guide_compare.json] [--work runs/guide_compare] [key=value ...]
+        [--out benchmarks/results/guide_compare.json] [--work runs/guide_compare]
+        [--warmup-from RUN_DIR] [key=value ...]
 
 Extra key=value arguments are passed to both arms (e.g. train.eval_every=0).
 """
@@ -35,16 +36,39 @@ ARMS = ("guide", "plain")
 FIELDS = ("eval/greedy_acc", "eval/avg@4_mean")
 
 
-def run_arm(arm: str, seed: int, steps: int, work: Path, extra: list[str]) -> dict[str, Any]:
-    """One training run of `arm` for `seed`; returns its before/after eval and all-fail series."""
+def read_run(out: Path) -> dict[str, Any]:
+    """A finished run's before/after eval, all-fail series and wall time (None if unknown)."""
+    ev = json.loads((out / "eval.json").read_text())
+    fails = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "guide/all_fail_groups" in row:
+            fails.append(float(row["guide/all_fail_groups"]))
+    wall = out / "compare_wall_s.json"
+    wall_s = json.loads(wall.read_text()) if wall.is_file() else None
+    return {"before": ev["before"], "after": ev["after"], "all_fail": fails, "wall_s": wall_s}
+
+
+def run_arm(
+    arm: str, seed: int, steps: int, work: Path, extra: list[str], warmup_from: Path | None
+) -> dict[str, Any]:
+    """One training run of `arm` for `seed`; returns `read_run` of it.
+
+    The plain arm starts from the Guide arm's warm-up (a run reuses a finished warm-up in its
+    output dir); with `warmup_from`, both arms start from that run dir's warm-up. A run whose
+    output dir already holds an eval.json is read, not run again (delete it to rerun).
+    """
     out = work / f"seed{seed}-{arm}"
-    if arm == "plain":  # the same warm-up as the Guide arm: a run reuses a finished warm-up
-        shutil.rmtree(out, ignore_errors=True)
+    if (out / "eval.json").is_file():
+        return read_run(out)
+    source = warmup_from or (work / f"seed{seed}-guide" if arm == "plain" else None)
+    if source is not None and source.resolve() == out.resolve():
+        source = None  # this run makes the shared warm-up
+    shutil.rmtree(out, ignore_errors=True)
+    if source is not None:
         out.mkdir(parents=True)
-        shutil.copytree(work / f"seed{seed}-guide" / "sft-warmup", out / "sft-warmup")
-        shutil.copytree(work / f"seed{seed}-guide" / "tiny-model", out / "tiny-model")
-    else:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(source / "sft-warmup", out / "sft-warmup")
+        shutil.copytree(source / "tiny-model", out / "tiny-model")
     cmd = [
         str(ROOT / ".venv" / "bin" / "posttrain"),
         "train",
@@ -60,14 +84,8 @@ def run_arm(arm: str, seed: int, steps: int, work: Path, extra: list[str]) -> di
     start = time.perf_counter()
     with open(work / f"seed{seed}-{arm}.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    wall = time.perf_counter() - start
-    ev = json.loads((out / "eval.json").read_text())
-    fails = []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "guide/all_fail_groups" in row:
-            fails.append(float(row["guide/all_fail_groups"]))
-    return {"before": ev["before"], "after": ev["after"], "all_fail": fails, "wall_s": wall}
+    (out / "compare_wall_s.json").write_text(json.dumps(time.perf_counter() - start))
+    return read_run(out)
 
 
 def summary(res: dict[str, Any]) -> dict[str, float]:
@@ -77,7 +95,7 @@ def summary(res: dict[str, Any]) -> dict[str, float]:
     out = {f"before/{k}": res["before"][k] for k in FIELDS}
     out.update({f"after/{k}": res["after"][k] for k in FIELDS})
     out.update(all_fail_mean=sum(fails) / len(fails), all_fail_last_quarter=sum(tail) / len(tail))
-    out["wall_s"] = res["wall_s"]
+    out["wall_s"] = res["wall_s"] if res["wall_s"] is not None else float("nan")
     return out
 
 
@@ -119,12 +137,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "guide_compare.json"))
     ap.add_argument("--work", default=str(ROOT / "runs" / "guide_compare"))
+    ap.add_argument(
+        "--warmup-from",
+        default=None,
+        help="a run dir whose sft-warmup/ and tiny-model/ every run starts from (one warm-up "
+        "shared by all seeds; default: each seed's Guide run makes its own)",
+    )
     args, extra = ap.parse_known_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        results[str(seed)] = {arm: run_arm(arm, seed, args.steps, work, extra) for arm in ARMS}
+        warm = Path(args.warmup_from) if args.warmup_from else None
+        results[str(seed)] = {a: run_arm(a, seed, args.steps, work, extra, warm) for a in ARMS}
         print(f"seed {seed} done", flush=True)
     head = f"{'seed':>4} {'arm':>6} {'greedy before':>13} {'after':>6} {'avg@4 before':>12} "
     print(head + f"{'after':>6} {'all-fail mean':>13} {'last 1/4':>8} {'wall s':>7}")
@@ -144,6 +169,7 @@ def main() -> None:
         "recipe": "recipes/guide_tiny.yaml",
         "steps": args.steps,
         "extra": extra,
+        "warmup_from": args.warmup_from,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "summary": table,
         "all_fail_per_step": {s: {a: r[a]["all_fail"] for a in ARMS} for s, r in results.items()},
