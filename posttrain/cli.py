@@ -16,7 +16,13 @@ import argparse
 import os
 import sys
 
-from posttrain.errors import ConfigError, NumericalError, PreemptedError, RolloutError
+from posttrain.errors import (
+    ConfigError,
+    NumericalError,
+    PreemptedError,
+    RolloutError,
+    StorageError,
+)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         route_third_party(None)
     try:
         return int(args.fn(args))
-    except ConfigError as err:
+    except (ConfigError, StorageError) as err:  # StorageError: e.g. the disk is full
         print(f"posttrain: error: {err}", file=sys.stderr)
         return 2
     except RolloutError as err:  # the run stopped cleanly with a resumable checkpoint

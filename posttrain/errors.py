@@ -16,6 +16,12 @@ class RolloutError(RuntimeError):
     """
 
 
+class StorageError(RuntimeError):
+    """A checkpoint could not be written (e.g. no space left on device); nothing was left under
+    its name and the newest complete checkpoint is kept. The command line ends with status 2,
+    like a user mistake: the environment needs fixing (free space), then `train.resume=auto`."""
+
+
 class PreemptedError(Exception):
     """SIGTERM ended the run before its Trainer was built (during the SFT warm-up), after the
     warm-up saved a checkpoint; the command line ends with status 0."""

@@ -46,6 +46,7 @@ from posttrain.models.tiny_vlm import build_tiny_vlm
 from posttrain.rollout.vllm_local import close_live_engines
 from posttrain.runtime import checkpoint, dsconfig, phase_trace, rundir
 from posttrain.runtime import distributed as dist
+from posttrain.runtime.data_log import DataLog, drawn_rows
 from posttrain.runtime.logging import RunLogger, progress
 from posttrain.runtime.numerics import (
     BadStep,
@@ -157,6 +158,7 @@ class Trainer:
         self._fp16 = config.model.dtype == "float16"  # overflows: the loss scaler's business
         self.grad_check: GradientCheck | None = None  # made by the first update
         self.bad_steps = BadSteps(t.max_bad_steps, self.out)
+        self.data_log = DataLog(self.out, dist.is_main())  # data_ids.jsonl: rows per step
         self._numerics_stop = False
         # the state noted as a step begins (`_start`), which an abandoned step and a stop on bad
         # steps save; not with async prefetch, whose state_dict waits for the queued generations
@@ -285,6 +287,7 @@ class Trainer:
         done = self._updates(batch)
         if done is None:
             return None
+        self.data_log.write(self.step + 1, drawn_rows(self.algorithm))  # before its checkpoint
         t_train = time.perf_counter()
         metrics = reduce_shares(done.totals, batch.updates)
         metrics.update(batch.metrics)
@@ -407,6 +410,7 @@ class Trainer:
                 with self.watchdog.phase("resume"):
                     self.resume(cfg.train.resume)
             self._start_step = self.step
+            self.data_log.start(self.step)  # cuts lines of steps after it at the 1st write
             self.logger = RunLogger(
                 self.out,
                 wandb_mode=cfg.log.wandb,

@@ -33,6 +33,7 @@ from posttrain.data.tensors import chunk_indices, shard_for_rank
 from posttrain.errors import ConfigError
 from posttrain.models.lean_logprobs import install_lean_forward, lean_forward, output_token_stats
 from posttrain.runtime import distributed as dist
+from posttrain.runtime.data_log import Drawn
 
 logger = logging.getLogger("posttrain")
 
@@ -544,6 +545,10 @@ class DPO:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the data position."""
         self.stream.load_state_dict(state["stream"])
+
+    def drawn_rows(self) -> Drawn:
+        """The preference rows (source row indices) the last batch drew (runtime/data_log.py)."""
+        return Drawn.of([(e, self.train[p].index) for e, p in self.stream.take_drawn()])
 
 
 def build_dpo(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> DPO:

@@ -13,6 +13,7 @@ from posttrain.models import load_reference
 from posttrain.models.vlm import image_tensors
 from posttrain.rollout.source import Sample, SampleSource
 from posttrain.runtime import distributed as dist
+from posttrain.runtime.data_log import Drawn
 
 
 def by_length(samples: list[Sample], indices: list[int]) -> list[int]:
@@ -188,6 +189,10 @@ class OnlineAlgorithm:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`."""
         self.source.load_state_dict(state)
+
+    def drawn_rows(self) -> Drawn:
+        """The prompts the last batch drew (`posttrain/runtime/data_log.py`)."""
+        return self.source.drawn_rows()
 
 
 def frozen_reference(cfg: Config, model_path: str) -> Any:

@@ -26,6 +26,7 @@ from posttrain.data.tensors import chunk_indices, shard_for_rank
 from posttrain.errors import ConfigError
 from posttrain.models.reward_model import rewards_of
 from posttrain.runtime import distributed as dist
+from posttrain.runtime.data_log import Drawn
 
 
 class RewardModel:
@@ -159,6 +160,10 @@ class RewardModel:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the data position."""
         self.stream.load_state_dict(state["stream"])
+
+    def drawn_rows(self) -> Drawn:
+        """The preference rows (source row indices) the last batch drew (runtime/data_log.py)."""
+        return Drawn.of([(e, self.train[p].index) for e, p in self.stream.take_drawn()])
 
 
 def build_reward_model(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> RewardModel:

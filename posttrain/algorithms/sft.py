@@ -31,6 +31,7 @@ from posttrain.models import vlm
 from posttrain.models.lean_logprobs import install_lean_forward, output_token_stats
 from posttrain.rollout.guide import hint_warmup_rows
 from posttrain.runtime import distributed as dist
+from posttrain.runtime.data_log import Drawn
 
 
 def completion_of(row: dict[str, Any], cfg: Config, index: int) -> str:
@@ -163,6 +164,10 @@ class SFT:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the data position."""
         self.stream.load_state_dict(state["stream"])
+
+    def drawn_rows(self) -> Drawn:
+        """The rows the last batch drew (`posttrain/runtime/data_log.py`)."""
+        return Drawn.of(self.stream.take_drawn())
 
 
 def _max_over_ranks(n: int) -> int:

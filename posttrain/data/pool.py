@@ -10,6 +10,9 @@ threshold evaluation uses; ``None`` = could not judge counts as not correct). A 
 from a batch that straddles an epoch boundary is recorded after that boundary, so it counts at the
 next one. The pool never shrinks below ``min_size`` prompts: when removing every all-correct prompt
 would leave fewer, that boundary removes none (and the record is cleared).
+
+Every prompt handed out is noted as ``(epoch, row index)`` until `PromptPool.take_drawn` collects
+the notes (the per-step ``data_ids.jsonl``, `posttrain.runtime.data_log`).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class PromptPool:
         self.solved: set[int] = set()
         self.removed_total = 0
         self._order = self._shuffle(0)
+        self.drawn: list[tuple[int, int]] = []  # (epoch, row index) since `take_drawn`
 
     def _shuffle(self, epoch: int) -> list[int]:
         order = list(self.pool)
@@ -102,8 +106,14 @@ class PromptPool:
             if self.pos >= len(self._order):
                 self._next_epoch()
             out.append(self._order[self.pos])
+            self.drawn.append((self.epoch, out[-1]))
             self.pos += 1
         return out
+
+    def take_drawn(self) -> list[tuple[int, int]]:
+        """The ``(epoch, row index)`` of every prompt taken since the last call (then forgotten)."""
+        drawn, self.drawn = self.drawn, []
+        return drawn
 
     def take(self, n: int) -> list[dict[str, Any]]:
         """The next `n` rows (same order as `take_indices`)."""
@@ -147,3 +157,4 @@ class PromptPool:
         self.solved = {int(i) for i in state.get("solved", ())}
         self.removed_total = int(state.get("removed_total", 0))
         self._order = self._shuffle(self.epoch)
+        self.drawn = []

@@ -1,4 +1,8 @@
-"""A resumable, deterministic stream of dataset rows (epochs reshuffled from a seed)."""
+"""A resumable, deterministic stream of dataset rows (epochs reshuffled from a seed).
+
+Every row handed out is noted as ``(epoch, row index)`` until `take_drawn` collects the notes:
+the trainer writes them per step to ``data_ids.jsonl`` (`posttrain.runtime.data_log`).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ class RowStream:
         self.epoch = 0
         self.pos = 0
         self._order = self._shuffle(0)
+        self.drawn: list[tuple[int, int]] = []  # (epoch, row index) since `take_drawn`
 
     def _shuffle(self, epoch: int) -> list[int]:
         order = list(range(len(self.rows)))
@@ -36,9 +41,16 @@ class RowStream:
                 self.epoch += 1
                 self.pos = 0
                 self._order = self._shuffle(self.epoch)
-            out.append(self.rows[self._order[self.pos]])
+            index = self._order[self.pos]
+            out.append(self.rows[index])
+            self.drawn.append((self.epoch, index))
             self.pos += 1
         return out
+
+    def take_drawn(self) -> list[tuple[int, int]]:
+        """The ``(epoch, row index)`` of every row taken since the last call (then forgotten)."""
+        drawn, self.drawn = self.drawn, []
+        return drawn
 
     def state_dict(self) -> dict[str, int]:
         """Position in the stream."""
@@ -49,3 +61,4 @@ class RowStream:
         self.epoch = int(state["epoch"])
         self.pos = int(state["pos"])
         self._order = self._shuffle(self.epoch)
+        self.drawn = []

@@ -56,6 +56,7 @@ class _Job:
         self.version = version  # the engine's weight version when it was queued
         self.future: Future | None = None
         self.stream_before: dict[str, Any] | None = None  # set by the worker as it starts
+        self.drawn: Any = None  # the rows its generation drew (`RolloutSource.drawn_rows`)
 
 
 class AsyncRolloutSource:
@@ -87,6 +88,7 @@ class AsyncRolloutSource:
         self.next_step: int | None = None  # the next batch to queue (None: not known yet)
         self.trainer_version = int(source.weight_version)  # the last version sync_weights got
         self.must_push = False  # after a resume: the engine does not hold the state's weights
+        self._drawn: Any = None  # the rows of the batch `collect_groups` returned last
 
     @property
     def pad_id(self) -> int:
@@ -110,6 +112,14 @@ class AsyncRolloutSource:
         with phase_trace.span("async prefetch"):  # POSTTRAIN_PHASE_TRACE (opt-in)
             return self.source.collect_groups(job.step)
 
+    def _generate_noted(self, job: _Job) -> tuple[list[list[Any]], dict]:
+        """Worker thread: `_generate`, then note the rows it drew (data_ids.jsonl)."""
+        try:
+            return self._generate(job)
+        finally:
+            noted = getattr(self.source, "drawn_rows", None)  # None: a source without data ids
+            job.drawn = noted() if noted is not None else None
+
     def _fill(self) -> None:
         """Queue every batch the engine's weights may generate (step <= version + k)."""
         if self.next_step is None:  # before the first collect_groups (or after a resume)
@@ -117,7 +127,7 @@ class AsyncRolloutSource:
         version = int(self.source.weight_version)
         while self.next_step < self.total_steps and self.next_step <= version + self.max_staleness:
             job = _Job(self.next_step, version)
-            job.future = self.pool.submit(self._generate, job)
+            job.future = self.pool.submit(self._generate_noted, job)
             self.queue.append(job)
             self.next_step += 1
 
@@ -166,6 +176,7 @@ class AsyncRolloutSource:
         assert job.future is not None
         groups, metrics = job.future.result()
         self.queue.popleft()
+        self._drawn = job.drawn
         return groups, metrics, job.stream_before
 
     # -------------------------------------------------------------- interface
@@ -265,6 +276,11 @@ class AsyncRolloutSource:
                 f"{self.source.weight_version}, not the trainer's {self.trainer_version}"
             )
         return self.source.pass_counts(n)
+
+    def drawn_rows(self) -> Any:
+        """The rows of the batch the last `collect_groups` returned (not of those queued)."""
+        drawn, self._drawn = self._drawn, None
+        return drawn
 
     def state_dict(self) -> dict[str, Any]:
         """The source's state, with the prompt position from before the oldest queued batch."""

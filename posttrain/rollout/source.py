@@ -27,6 +27,7 @@ from posttrain.rollout.engine import Rollout, SamplingConfig
 from posttrain.rollout.guide import guide_groups, guide_metrics
 from posttrain.runtime import distributed as dist
 from posttrain.runtime import phase_trace
+from posttrain.runtime.data_log import Drawn
 from posttrain.runtime.weight_sync import push_adapter, push_weights
 from rewards import RewardSpec, score
 from rewards.boundary import reward_metrics
@@ -135,6 +136,10 @@ class SampleSource(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`."""
+        ...
+
+    def drawn_rows(self) -> Drawn:
+        """The rows the batch of the last `collect_groups` drew (runtime/data_log.py)."""
         ...
 
 
@@ -359,6 +364,12 @@ class RolloutSource:
         """Restore position and version."""
         self.stream.load_state_dict(state["stream"])
         self.weight_version = int(state["weight_version"])
+
+    def drawn_rows(self) -> Drawn:
+        """The prompts drawn since the last call: the last `collect_groups`' (all its rounds)."""
+        pairs = [(i, d) for i, pool in enumerate(self.stream.pools) for d in pool.take_drawn()]
+        stage = pairs[0][0] if pairs and self.stream.staged else None
+        return Drawn.of([d for _, d in pairs], stage)
 
 
 def _informative(groups: list[list[Sample]]) -> list[bool]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from posttrain.runtime import distributed as dist
-from posttrain.runtime import lora
+from posttrain.runtime import lora, storage
 
 STATE_FILE = "trainer_state.json"
 
@@ -123,6 +123,10 @@ def save(
 ) -> Path:
     """Write a complete checkpoint atomically (all ranks call this).
 
+    The ranks agree on the outcome of each phase (prepare, write, rename) with one collective
+    where a barrier was, so a rank that cannot write (disk full) never leaves the others waiting:
+    every rank raises the same way.
+
     Args:
         ckpt_dir: final directory name, e.g. `runs/x/checkpoints/step-00010`.
         engine: the DeepSpeed engine.
@@ -132,14 +136,45 @@ def save(
 
     Returns:
         The final checkpoint path.
+
+    Raises:
+        StorageError: some rank could not write its part (e.g. no space left on device); the
+            `.tmp` directory is removed, nothing appears under `ckpt_dir` and every checkpoint
+            saved before is untouched. (A rank whose failure is no OS error, e.g. a bug, raises
+            that error itself.)
     """
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    if dist.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
-    weights = full_state_dict(engine, merge_lora=False)
+    _agree(_attempt(_prepare, tmp) if dist.is_main() else None, ckpt_dir, tmp)
+    failed = None
+    try:
+        engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
+    except Exception as err:  # a write failed: reported at the agreement below
+        failed = err
+        # DeepSpeed's writes (torch.save) come after all its collectives but its closing
+        # barrier, which the other ranks now wait in
+        dist.barrier()
+    weights = full_state_dict(engine, merge_lora=False)  # a collective under ZeRO-3
+    if failed is None:
+        failed = _attempt(_write_files, tmp, engine, tokenizer, trainer_state, rng, weights)
+    _agree(failed, ckpt_dir, tmp)
+    _agree(_attempt(_commit, tmp, ckpt_dir) if dist.is_main() else None, ckpt_dir, tmp)
+    return ckpt_dir
+
+
+def _prepare(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "engine").mkdir(parents=True)
+
+
+def _write_files(
+    tmp: Path,
+    engine: Any,
+    tokenizer: Any,
+    trainer_state: dict[str, Any],
+    rng: dict[str, Any] | None,
+    weights: dict[str, torch.Tensor],
+) -> None:
+    """Everything but the engine state: the model (rank 0) and this rank's RNG."""
     module = engine.module
     if lora.is_peft(module) and dist.is_main():  # adapter in adapter/, merged model at the top
         lora.save_adapter(module, tmp / lora.ADAPTER_DIR, weights)
@@ -153,19 +188,51 @@ def save(
         getattr(tokenizer, "posttrain_processor", tokenizer).save_pretrained(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
     torch.save(rng_state() if rng is None else rng, tmp / f"rng_rank{dist.rank()}.pt")
-    dist.barrier()
-    if dist.is_main():
-        _fsync_tree(tmp)
-        # an older checkpoint of this name moves aside in one rename: a process killed here
-        # (e.g. by the watchdog) never leaves a half-deleted directory under the final name
-        old = ckpt_dir.with_name(ckpt_dir.name + ".old.tmp")
-        if ckpt_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(ckpt_dir, old)
-        os.replace(tmp, ckpt_dir)
+
+
+def _commit(tmp: Path, ckpt_dir: Path) -> None:
+    """fsync `tmp`, then rename it to `ckpt_dir` (rank 0)."""
+    _fsync_tree(tmp)
+    # an older checkpoint of this name moves aside in one rename: a process killed here
+    # (e.g. by the watchdog) never leaves a half-deleted directory under the final name
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old.tmp")
+    moved = ckpt_dir.exists()
+    if moved:
         shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return ckpt_dir
+        os.replace(ckpt_dir, old)
+    try:
+        os.replace(tmp, ckpt_dir)
+    except OSError:
+        if moved:  # the older one back under its name
+            os.replace(old, ckpt_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _attempt(fn: Any, *args: Any) -> Exception | None:
+    """Run `fn(*args)`; the exception it raised, or None."""
+    try:
+        fn(*args)
+    except Exception as err:  # every rank learns of it at the next agreement
+        return err
+    return None
+
+
+def _agree(failed: Exception | None, ckpt_dir: Path, tmp: Path) -> None:
+    """One collective in place of a barrier: every rank learns which ranks failed; then
+    rank 0 removes `tmp` and every rank raises (`StorageError`, or the failure itself where it
+    is no OS error and no full disk)."""
+    code = storage.failure_code(failed, tmp)
+    me, world = dist.rank(), dist.world_size()
+    codes = dist.all_reduce_max_list([float(code) if r == me else 0.0 for r in range(world)])
+    if not any(codes):
+        return
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    if code == storage.OTHER:
+        raise failed  # type: ignore[misc]  # a bug, not the storage: its own traceback
+    codes_i = [int(c) for c in codes]
+    raise storage.save_error(ckpt_dir, codes_i, me, failed, latest(ckpt_dir.parent))
 
 
 def latest(checkpoints: Path) -> Path | None:

@@ -21,13 +21,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from posttrain.errors import ConfigError, NumericalError, RolloutError
+from posttrain.errors import ConfigError, NumericalError, RolloutError, StorageError
 from posttrain.runtime import phase_trace
 
 EXIT_CODE = 124  # like coreutils `timeout`
 LIMIT_KEY = "train.phase_timeout_s"
 # errors the trainer reports itself (RolloutError, NumericalError: with their own checkpoint)
-_REPORTED_ELSEWHERE = (RolloutError, NumericalError, ConfigError, KeyboardInterrupt, SystemExit)
+_REPORTED_ELSEWHERE = (
+    RolloutError,
+    NumericalError,
+    ConfigError,
+    StorageError,
+    KeyboardInterrupt,
+    SystemExit,
+)
 
 
 def resume_hint(checkpoints: Path) -> str:
