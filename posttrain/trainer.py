@@ -43,6 +43,7 @@ from posttrain.eval.pass_curve import run_curves
 from posttrain.eval.report import RunResult, finish
 from posttrain.models import load_tokenizer, make_tiny
 from posttrain.models.tiny_vlm import build_tiny_vlm
+from posttrain.models.vlm import check_vlm_config, is_vlm
 from posttrain.rollout.vllm_local import close_live_engines
 from posttrain.runtime import checkpoint, dsconfig, phase_trace, rundir
 from posttrain.runtime import distributed as dist
@@ -131,7 +132,10 @@ class Trainer:
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
         try:
-            self.model_path = self._warmup(resolve_model_path(config))
+            start_path = resolve_model_path(config)
+            if is_vlm(start_path):  # a VLM's unsupported options: before any warm-up
+                check_vlm_config(config, rolls_out=config.train.algorithm != "sft")
+            self.model_path = self._warmup(start_path)
             with phase_trace.span("model load"):  # POSTTRAIN_PHASE_TRACE (opt-in)
                 self.tokenizer = load_tokenizer(self.model_path)
                 self.engine = self._build_engine()

@@ -23,7 +23,7 @@ from posttrain.algorithms.reward_model import build_reward_model
 from posttrain.algorithms.sft import build_sft
 from posttrain.config import Config
 from posttrain.errors import ConfigError
-from posttrain.models import load_policy
+from posttrain.models import load_policy, vlm
 from posttrain.models.actor_critic import load_actor_critic
 from posttrain.models.reward_model import load_reward_model
 
@@ -90,5 +90,8 @@ def algorithm_spec(name: str) -> AlgorithmSpec:
 
 
 def build_algorithm(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> Algorithm:
-    """Look up `train.algorithm` and build it."""
+    """Look up `train.algorithm` and build it (a vision-language model: the options it takes,
+    `models.vlm.check_vlm_config`)."""
+    if vlm.processor_of(tokenizer) is not None:
+        vlm.check_vlm_config(cfg, rolls_out=cfg.train.algorithm != "sft")
     return algorithm_spec(cfg.train.algorithm).build(cfg, model_path, tokenizer, engine)

@@ -184,8 +184,6 @@ def build_sft(cfg: Config, model_path: str, tokenizer: Any, engine: Any) -> SFT:
     install_lean_forward(engine, cfg.train.logprob_chunk_tokens)
     if cfg.env.name is not None:
         return SFT(cfg, tokenizer, transcript_rows(cfg))
-    if vlm.processor_of(tokenizer) is not None:
-        vlm.check_vlm_config(cfg, rolls_out=False)
     train, _ = load_train_eval_rows(cfg)
     check_rows(train, cfg)
     return SFT(cfg, tokenizer, hint_warmup_rows(train, cfg))

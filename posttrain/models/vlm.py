@@ -320,6 +320,11 @@ def has_images(batch: dict[str, torch.Tensor]) -> bool:
 # ----------------------------------------------------------------------------- config checks
 
 
+# what trains a VLM (the GRPO family, with its SFT warm-up); PPO's critic, the offline
+# preference losses and reward models do not take images yet
+VLM_ALGORITHMS = ("grpo", "sft")
+
+
 def check_vlm_config(cfg: Any, rolls_out: bool) -> None:
     """Options a VLM run cannot take, each as one ConfigError naming the field.
 
@@ -330,6 +335,11 @@ def check_vlm_config(cfg: Any, rolls_out: bool) -> None:
         cfg: the run config.
         rolls_out: the run samples from a rollout engine (`rollout.engine` matters).
     """
+    if cfg.train.algorithm not in VLM_ALGORITHMS:
+        raise ConfigError(
+            f"train.algorithm={cfg.train.algorithm}: not supported with a vision-language model "
+            f"yet; use one of {', '.join(VLM_ALGORITHMS)}"
+        )
     if not rolls_out:
         pass
     elif cfg.rollout.engine == "vllm" and not torch.cuda.is_available():

