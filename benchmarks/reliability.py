@@ -17,9 +17,10 @@ the harness run), bitwise on CPU:
 Kill moments come from the opt-in phase trace (`posttrain/runtime/phase_trace.py`):
 `POSTTRAIN_PHASE_TRACE` makes the process log each phase's begin and end, and
 `POSTTRAIN_PHASE_HOLD=<phase>@<n>` stops it (SIGSTOP) on the n-th entry to the phase. The harness
-picks the least-hit phase of the trial's config and a random entry n (1..the straight run's
-count); then either kills at once ("entry") or continues the process and kills it a random
-0..1 x the phase's straight-run duration later ("inside"). A phase never hit yet is always killed
+picks the least-hit phase of the trial's config and a random entry n (2..the straight run's
+count, so that most kills leave a checkpoint to resume from); then either kills at once
+("entry") or continues the process and kills it a random 0..1 x the phase's straight-run
+duration later ("inside"). A phase never hit yet is always killed
 at entry, so over N >= 20 trials every phase is hit. The phases a kill hit are read back from the
 trace (begun, not ended, in the killed process), so the table reports what was hit, not what was
 aimed at. Target `resume`: a first kill at a random optimizer step, then a second kill while the
@@ -29,6 +30,12 @@ Phases: model load, generate, reward, logprob, backward, optimizer step, weight 
 write, eval, async prefetch (GRPO with `rollout.max_staleness=1`), resume.
 Configs: grpo (KL to a reference: the logprob phase), grpo_async (max_staleness=1), ppo, dpo,
 sft, episodes (recipes/calculator_tiny.yaml, multi-turn), all on the `hf` rollout engine.
+
+Outcomes: "resumed exactly"; "differed, same data ids" (every step drew the straight run's rows,
+but metrics or weights differ: so far only `grpo_async` resumed from a checkpoint after step 1,
+whose batch the straight run had prefetched with the weights before that step and the resumed
+run samples again with the checkpoint's: `rollout/staleness/max` 1 -> 0 at that step, and the
+samples, loss and weights from there on); "differed"; "failed" (never exited 0).
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reliability.py --trials 24 --seed 0 \
@@ -293,7 +300,7 @@ def id_rows(path: Path) -> dict[int, dict[str, Any]]:
     return rows
 
 
-def diff_rows(want: dict, got: dict, limit: int = 5) -> list[str]:
+def diff_rows(want: dict, got: dict, limit: int = 8) -> list[str]:
     """What differs between two keyed row sets (at most `limit` lines)."""
     out = (
         [f"rows only in the straight run: {sorted(set(want) - set(got))}"]
@@ -396,7 +403,7 @@ def plan_trial(ref: Reference, target: str, rng: random.Random, first: bool) -> 
         delay = rng.uniform(0, ref.stats.get("resume", {}).get("median_s", 0.5))
         return [Attempt(f"optimizer step@{n}", "entry"), Attempt("resume@1", mode, delay)]
     stats = ref.stats[target]
-    n = rng.randint(1, int(stats["entries"]))
+    n = rng.randint(min(2, int(stats["entries"])), int(stats["entries"]))  # >= 2: a checkpoint
     mode = "entry" if first or rng.random() < 0.5 else "inside"
     return [
         Attempt(
@@ -406,17 +413,11 @@ def plan_trial(ref: Reference, target: str, rng: random.Random, first: bool) -> 
 
 
 def run_trial(
-    index: int,
-    ref: Reference,
-    target: str,
-    rng: random.Random,
-    first: bool,
-    work: Path,
-    model: Path,
+    index: int, ref: Reference, target: str, plan: list[Attempt], work: Path, model: Path
 ) -> dict[str, Any]:
-    """Kill per the plan, resume with `train.resume=auto` until the run exits 0, compare."""
+    """Kill per `plan` (`plan_trial`), resume with `train.resume=auto` until the run exits 0,
+    compare with the straight run."""
     out = work / f"trial-{index:03d}-{ref.cfg.name}"
-    plan = plan_trial(ref, target, rng, first)
     attempts: list[Attempt] = []
     problems: list[str] = []
     start = time.monotonic()
@@ -430,7 +431,7 @@ def run_trial(
         cmd = command(ref.cfg, work, model, out, *extra)
         run_attempt(cmd, work / f"{out.name}.{i}.log", work / f"{out.name}.{i}.trace", attempt)
         attempts.append(attempt)
-        if attempt.loaded != attempt.expected:
+        if attempt.loaded != attempt.expected and not (attempt.killed and not attempt.loaded):
             problems.append(f"attempt {i} loaded {attempt.loaded}, expected {attempt.expected}")
         if not attempt.killed and attempt.returncode == 0:
             break
@@ -460,9 +461,18 @@ def run_trial(
         "completed": done,
         "checkpoint_problems": problems,
         **result,
-        "outcome": "resumed exactly" if exact else ("differed" if done else "failed"),
+        "outcome": outcome(done, exact, result["ids_equal"]),
         "seconds": round(time.monotonic() - start, 1),
     }
+
+
+def outcome(done: bool, exact: bool, ids_equal: bool | None) -> str:
+    """A trial's outcome: resumed exactly, differed with the same data ids, differed, failed."""
+    if not done:
+        return "failed"
+    if exact:
+        return "resumed exactly"
+    return "differed, same data ids" if ids_equal else "differed"
 
 
 def _latest(checkpoints: Path) -> Path | None:
@@ -497,7 +507,8 @@ def run_harness(trials: int, seed: int, algos: list[str], work: Path) -> dict[st
     for i in range(trials):
         ref = refs[i % len(refs)]
         target = choose_target(ref, hits, rng)
-        row = run_trial(i, ref, target, rng, hits.get(target, 0) == 0, work, model)
+        plan = plan_trial(ref, target, rng, hits.get(target, 0) == 0)
+        row = run_trial(i, ref, target, plan, work, model)
         for phase in row["hit"]:
             hits[phase] = hits.get(phase, 0) + 1
         rows.append(row)
