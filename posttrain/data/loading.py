@@ -236,12 +236,7 @@ def load_rows(
     if n is not None and (not isinstance(n, int) or n < 0):
         raise ConfigError(f"{n_name}={n!r} is not valid; use an integer >= 0 or null for all rows")
     if source in BUILTIN_SOURCES:
-        if n is None:
-            raise ConfigError(
-                f"{n_name} is required for source {source!r} (number of rows to generate)"
-            )
-        make_split = arithmetic.make_split if source == ARITHMETIC else shapes.make_split
-        rows = make_split(split, n, seed, **(task_kwargs or {}))
+        rows = _builtin_rows(source, split, n, seed, task_kwargs, n_name)
         rows = apply_format(rows, source=source, **fmt)
         check_prompts(rows, prompt_column, source)
         return _with_images(rows, source, image_options, None, None)
@@ -260,6 +255,23 @@ def load_rows(
     base_dir = Path(source).expanduser().parent if builder is not None else None
     rows = rows if order is None else [rows[i] for i in order]
     return _with_images(rows, source, image_options, base_dir, order)
+
+
+def _builtin_rows(
+    source: str,
+    split: str,
+    n: int | None,
+    seed: int,
+    task_kwargs: dict[str, Any] | None,
+    n_name: str,
+) -> list[dict]:
+    """`n` rows of a built-in synthetic task's split (arithmetic or shapes)."""
+    if n is None:
+        raise ConfigError(
+            f"{n_name} is required for source {source!r} (number of rows to generate)"
+        )
+    make_split = arithmetic.make_split if source == ARITHMETIC else shapes.make_split
+    return make_split(split, n, seed, **(task_kwargs or {}))
 
 
 def _with_images(
