@@ -541,7 +541,10 @@ class Trainer:
             return reused
         result = self.algorithm.evaluate(self.step)
         assert self.logger is not None
-        self.logger.log(self.step, result)
+        t = self.cfg.train  # resumed at the last step: its row in metrics.jsonl has this eval
+        logged = t.resume == "auto" and self.step == self._start_step > 0 < t.eval_every
+        if not (logged and self.step % t.eval_every == 0):
+            self.logger.log(self.step, result)
         return result
 
     def _after_metrics(self, metrics: dict[str, float]) -> None:

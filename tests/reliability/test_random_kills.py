@@ -14,11 +14,13 @@ pytestmark = pytest.mark.slow
 
 # (config, the holds of the killed processes): GRPO killed while a resume loads its checkpoint,
 # SFT in a checkpoint write, GRPO with max_staleness=1 in its 2nd prefetch (step 1 trains: no
-# checkpoint yet) and in its 4th (after the step-1 checkpoint)
+# checkpoint yet; its 4th, after the step-1 checkpoint, is the known limit below)
 TRIALS = (
     ("grpo", ("optimizer step@3", "resume@1")),
     ("sft", ("checkpoint write@3",)),
     ("grpo_async", ("async prefetch@2",)),
+    # DPO in its final eval (reused from step 4's): the resumed run must not log it a second time
+    ("dpo", ("eval@4",)),
 )
 
 
