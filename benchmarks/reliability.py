@@ -572,18 +572,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        summary = run_harness(args.trials, args.seed, algos, args.keep)
-    else:
-        work = Path(tempfile.mkdtemp(prefix="reliability-"))
-        try:
-            summary = run_harness(args.trials, args.seed, algos, work)
-        finally:
+    work = (args.keep or Path(tempfile.mkdtemp(prefix="reliability-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = run_harness(args.trials, args.seed, algos, work)
+    finally:
+        if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     print_summary(summary)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    text = json.dumps(summary, indent=1).replace(str(work.resolve()), "<work>")  # no machine paths
+    args.json.write_text(text + "\n")
     print(f"wrote {args.json}")
     exact = summary["outcomes"].get("resumed exactly", 0) == summary["trials"]
     return 0 if exact and not summary["phases_missed"] else 1

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=RESULT)
     ap.add_argument("--keep", type=Path, default=None, help="work here and keep it")
     args = ap.parse_args(argv)
-    work = args.keep or Path(tempfile.mkdtemp(prefix="soak-"))
+    work = (args.keep or Path(tempfile.mkdtemp(prefix="soak-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     try:
         summary = run_soak(args, work)
@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print_summary(summary)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    text = json.dumps(summary, indent=1).replace(str(work.resolve()), "<work>")  # no machine paths
+    args.json.write_text(text + "\n")
     print(f"wrote {args.json}")
     ok = summary["completed"] and (summary["rss_growth"] or {}).get("pct_per_100_steps", 99) < 1
     return 0 if ok else 1
