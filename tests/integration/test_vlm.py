@@ -238,7 +238,12 @@ def test_vlm_recipe_short_run(tmp_path):
 
     cfg = load_config(
         ROOT / "recipes" / "vlm_tiny.yaml",
-        [f"train.output_dir={tmp_path}", *RECIPE_SHORT_RUN, "rollout.prompts_per_step=4"],
+        [
+            f"train.output_dir={tmp_path}",
+            *RECIPE_SHORT_RUN,
+            "rollout.prompts_per_step=4",
+            "train.micro_batch_size_per_device=16",
+        ],
     )
     assert cfg.model.path == "tiny-vlm" and cfg.data.source == "shapes"
     trainer = Trainer(cfg)
