@@ -324,10 +324,14 @@ class RolloutSource:
         r = self.cfg.rollout
         out = []
         lengths = torch.tensor([len(x.completion_ids) for x in rollouts], dtype=torch.float)
-        penalty = adv_fn.overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer)
+        penalty = (  # only when on: overlong_buffer is checked against max_new_tokens only then
+            adv_fn.overlong_penalty(lengths, r.max_new_tokens, r.overlong_buffer)
+            if r.overlong_penalty
+            else None
+        )
         for i, (ro, total) in enumerate(zip(rollouts, totals, strict=True)):
             reward = total
-            if reward is not None and r.overlong_penalty:
+            if reward is not None and penalty is not None:
                 reward = reward + float(penalty[i])
             truncated = ro.finish_reason == "length"
             valid = reward is not None and not (r.mask_truncated and truncated)
