@@ -258,6 +258,33 @@ def test_two_ranks_play_episodes_through_a_server_with_prefetch(server, calc_mod
     assert sorted(p.name for p in (tmp_path / "rollout-weights").iterdir()) == ["v3"]
 
 
+@pytest.mark.slow
+@needs_vllm
+def test_two_colocated_vllm_ranks_play_episodes_with_prefetch(calc_model, tmp_path):
+    """torchrun, 2 ranks, each with its own in-process vLLM replica, `rollout.max_staleness=1`:
+    step n+1's episodes are played in the prefetch thread while step n trains, with the weights
+    of one version before (every turn), each rank its own tasks."""
+    rows = _cli(
+        torchrun(2),
+        tmp_path,
+        calc_model,
+        "rollout.engine=vllm",
+        "rollout.max_staleness=1",
+        "train.steps=3",
+        "train.zero_stage=2",
+    )
+    steps = [r for r in rows if "loss" in r]
+    assert [r["weight_version"] for r in steps] == [1.0, 2.0, 3.0]
+    assert [r["rollout/staleness/max"] for r in steps] == [0.0, 1.0, 1.0]
+    assert all(r["agent/rank_episodes"] == 2 * 4 and r["ranks"] == 2.0 for r in steps)
+    assert max(r["agent/turns_max"] for r in steps) >= 2
+    assert steps[0]["tis/mismatch_abs_mean"] < 1e-4  # played with the starting weights
+    for r in steps[1:]:  # one version behind the trainer
+        assert r["tis/mismatch_abs_mean"] > 1e-4
+    final = tmp_path / "checkpoints" / "final"
+    assert _max_weight_diff(final, calc_model) > 1e-4  # training moved the weights
+
+
 # ------------------------------------------------------------------ the per-turn protocol
 def _thread_ranks(world: int, play) -> list:
     """Run `play(rank, shards)` on `world` threads whose `EpisodeShards` gather through shared
