@@ -32,10 +32,7 @@ Configs: grpo (KL to a reference: the logprob phase), grpo_async (max_staleness=
 sft, episodes (recipes/calculator_tiny.yaml, multi-turn), all on the `hf` rollout engine.
 
 Outcomes: "resumed exactly"; "differed, same data ids" (every step drew the straight run's rows,
-but metrics or weights differ: so far only `grpo_async` resumed from a checkpoint after step 1,
-whose batch the straight run had prefetched with the weights before that step and the resumed
-run samples again with the checkpoint's: `rollout/staleness/max` 1 -> 0 at that step, and the
-samples, loss and weights from there on); "differed"; "failed" (never exited 0).
+but metrics or weights differ); "differed"; "failed" (never exited 0).
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reliability.py --trials 24 --seed 0 \

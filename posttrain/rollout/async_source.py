@@ -29,9 +29,21 @@ current policy, and `loss.tis_cap` reweights each token by min(exp(logp_old - lo
 the truncated importance weight between the current policy and the stale sampler (or
 `loss.rollout_correction` masks what is too far off: `posttrain.off_policy`).
 
-Checkpoints store the prompt position from before the oldest untrained queued batch, so a
-resumed run generates every batch that was prefetched but not trained again (and pushes its
-weights first: the engine of a new process does not hold the checkpoint's weights). Rewards
+A checkpoint (`state_dict`) waits for every queued generation, makes sure every batch the window
+allows is queued and generated, and saves those generated-but-untrained batches (their groups,
+metrics and drawn rows), the stream state after them and the engine's weight version w, each
+rank its own (`checkpoint.RANK_STATE`: `rank_state{r}.pt`, not trainer_state.json, which keeps
+the position from before the oldest queued batch). A resumed run puts them back in the queue as
+finished jobs, so it trains exactly the batches the straight run trained, with their staleness:
+any batch beyond w + k needs a push first, and that push sends the then-current trainer weights,
+as in the straight run. The new engine does not hold the weights of version w, but it generates
+nothing before the next push (every batch w allows is in the queue; evals and the last step
+push first); the resume itself pushes the checkpoint's weights only where the straight run
+pushed at that step (eval step, last step), under the same version label. Waiting changes no
+result: a batch depends only on the weights it was sampled with and its step's seed
+(`step_sampling`). Without its rank state (a failed generation in the queue at save time, a
+checkpoint of another rank count or of an older posttrain) the resumed run falls back: it
+generates the prefetched batches again, after pushing the checkpoint's weights. Rewards
 that read the policy's own entropy (RENT's `token_entropy` column) and OPO (exactly on-policy)
 are not allowed: both need the weights of the step being trained.
 """
@@ -45,7 +57,9 @@ from typing import Any
 
 from posttrain.errors import ConfigError
 from posttrain.rollout.source import RolloutSource
+from posttrain.runtime import distributed as dist
 from posttrain.runtime import phase_trace
+from posttrain.runtime.checkpoint import RANK_STATE
 
 
 class _Job:
@@ -283,20 +297,62 @@ class AsyncRolloutSource:
         return drawn
 
     def state_dict(self) -> dict[str, Any]:
-        """The source's state, with the prompt position from before the oldest queued batch."""
+        """The source's state (prompt position from before the oldest queued batch) and, under
+        `RANK_STATE`, this rank's prefetched batches (`_prefetched`)."""
+        self._fill()  # the window is full after every step already: a no-op then
         self._wait_all()
         state = self.source.state_dict()
+        prefetched = self._prefetched(state)
         if self.queue and self.queue[0].stream_before is not None:
             state = {**state, "stream": self.queue[0].stream_before}
+        if prefetched is not None:
+            state[RANK_STATE] = prefetched
         return state
 
+    def _prefetched(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """The generated, untrained batches and what continues after them (None: a failed
+        generation in the queue, or the queue not started: the resumed run generates again)."""
+        if self.next_step is None or any(j.future.exception() is not None for j in self.queue):
+            return None
+        jobs = [
+            {
+                "step": j.step,
+                "version": j.version,
+                "stream_before": j.stream_before,
+                "result": j.future.result(),
+                "drawn": j.drawn,
+            }
+            for j in self.queue
+        ]
+        return {
+            "jobs": jobs,
+            "next_step": self.next_step,
+            "stream": copy.deepcopy(state["stream"]),  # after the queued batches
+            "weight_version": int(self.source.weight_version),
+            "world_size": dist.world_size(),
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the source; the queue is dropped and the next `sync_weights` pushes."""
+        """Restore the source and the prefetched batches (`state_dict`); without them the queue
+        is dropped and the next `sync_weights` pushes."""
         self._drop_all(restore=False)
         self.next_step = None
         self.source.load_state_dict(state)
         self.trainer_version = int(self.source.weight_version)
-        self.must_push = True
+        prefetched = state.get(RANK_STATE)
+        if prefetched is None or prefetched["world_size"] != dist.world_size():
+            self.must_push = True
+            return
+        self.must_push = False
+        self.source.stream.load_state_dict(prefetched["stream"])
+        self.source.weight_version = int(prefetched["weight_version"])
+        for saved in prefetched["jobs"]:
+            job = _Job(int(saved["step"]), int(saved["version"]))
+            job.stream_before, job.drawn = saved["stream_before"], saved["drawn"]
+            job.future = Future()
+            job.future.set_result(saved["result"])
+            self.queue.append(job)
+        self.next_step = int(prefetched["next_step"])
 
 
 def _max_staleness(groups: list[list[Any]], version: int) -> int:

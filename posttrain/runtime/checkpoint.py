@@ -7,6 +7,8 @@ With LoRA (`model.lora.r > 0`) the top-level model holds the merged weights and 
 peft adapter (`PeftModel.from_pretrained(base, "<ckpt>/adapter")`).
 It is written to `<name>.tmp`, fsynced, then renamed: a crash never leaves a half checkpoint
 under the final name (anything ending in `.tmp` is ignored by `latest`).
+A trainer-state entry named `RANK_STATE` (at any depth) is no JSON: each rank's value is written to
+its own `rank_state{r}.pt` (e.g. the batches an async run prefetched) and put back by `load`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from posttrain.runtime import distributed as dist
 from posttrain.runtime import lora, storage
 
 STATE_FILE = "trainer_state.json"
+RANK_STATE = "rank_state"  # a trainer-state key whose value each rank saves in rank_state{r}.pt
 
 
 def _fsync_tree(path: Path) -> None:
@@ -174,7 +177,8 @@ def _write_files(
     rng: dict[str, Any] | None,
     weights: dict[str, torch.Tensor],
 ) -> None:
-    """Everything but the engine state: the model (rank 0) and this rank's RNG."""
+    """Everything but the engine state: the model (rank 0), this rank's RNG and rank state."""
+    trainer_state, per_rank = split_rank_state(trainer_state)
     module = engine.module
     if lora.is_peft(module) and dist.is_main():  # adapter in adapter/, merged model at the top
         lora.save_adapter(module, tmp / lora.ADAPTER_DIR, weights)
@@ -188,6 +192,33 @@ def _write_files(
         getattr(tokenizer, "posttrain_processor", tokenizer).save_pretrained(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
     torch.save(rng_state() if rng is None else rng, tmp / f"rng_rank{dist.rank()}.pt")
+    if per_rank:
+        torch.save(per_rank, tmp / f"{RANK_STATE}{dist.rank()}.pt")
+
+
+def split_rank_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple[str, ...], Any]]:
+    """`state` without its `RANK_STATE` entries, and those entries by their key path."""
+    kept: dict[str, Any] = {}
+    found: dict[tuple[str, ...], Any] = {}
+    for key, value in state.items():
+        if key == RANK_STATE:
+            found[(key,)] = value
+        elif isinstance(value, dict):
+            kept[key], inner = split_rank_state(value)
+            found.update({(key, *path): v for path, v in inner.items()})
+        else:
+            kept[key] = value
+    return kept, found
+
+
+def _merge_rank_state(state: dict[str, Any], per_rank: dict[tuple[str, ...], Any]) -> None:
+    """Put `split_rank_state`'s entries back into `state` (where their parent dict exists)."""
+    for path, value in per_rank.items():
+        node: Any = state
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node[path[-1]] = value
 
 
 def _commit(tmp: Path, ckpt_dir: Path) -> None:
@@ -274,7 +305,8 @@ def prune(checkpoints: Path, keep: int, prefix: str = "step-") -> list[Path]:
 
 
 def load(ckpt_dir: Path, engine: Any) -> dict[str, Any]:
-    """Restore engine (model, optimizer, scheduler) and RNG; return the trainer state."""
+    """Restore engine (model, optimizer, scheduler) and RNG; return the trainer state (with this
+    rank's `RANK_STATE` entries back in place)."""
     state_file = ckpt_dir / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a posttrain checkpoint (no {STATE_FILE})")
@@ -282,4 +314,8 @@ def load(ckpt_dir: Path, engine: Any) -> dict[str, Any]:
     rng_file = ckpt_dir / f"rng_rank{dist.rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads(state_file.read_text())
+    state = json.loads(state_file.read_text())
+    rank_file = ckpt_dir / f"{RANK_STATE}{dist.rank()}.pt"
+    if rank_file.is_file():  # none: this rank saved none (or the run had fewer ranks)
+        _merge_rank_state(state, torch.load(rank_file, weights_only=False))
+    return state

@@ -94,8 +94,9 @@ def test_vllm_max_staleness_two_queues_two_batches_and_resumes(tmp_path, tiny_mo
     resumed_out = tmp_path / "resumed"
     resume = f"train.resume={ckpts / 'step-000002'}"
     resumed = Trainer(tiny_cfg(resumed_out, tiny_model_dir, *base, resume)).train()
-    # Resume pushes version 2 and generates batch 2 again (staleness 0), then 1, 2.
-    assert [m["rollout/staleness/max"] for m in resumed] == [0.0, 1.0, 2.0]
+    # The checkpoint holds batches 2-3 as prefetched (rank_state0.pt): trained as straight.
+    assert [m["rollout/staleness/max"] for m in resumed] == [2.0, 1.0, 2.0]
+    assert [m["rollout/pushed"] for m in resumed] == [0.0, 1.0, 1.0]
     assert [m["weight_version"] for m in resumed] == [2.0, 4.0, 5.0]
     assert _pos(resumed_out / "checkpoints" / "final") == 20  # no prompt skipped or repeated
 
