@@ -191,6 +191,8 @@ def test_async_prefetch_plays_whole_episodes_with_one_older_version(calc_model, 
             assert sample.rollout.weight_version == job.version
             turns = max(turns, len(versions))
     assert turns >= 2
+    saved = torch.load(trainer.save() / "rank_state0.pt", weights_only=False)  # episodes pickle
+    assert [job["step"] for job in next(iter(saved.values()))["jobs"]] == [1, 2]
     lagged += [trainer.train_step(), trainer.train_step()]
     assert [m["rollout/staleness/max"] for m in lagged] == [0.0, 1.0, 1.0]
     assert [m["weight_version"] for m in lagged] == [1.0, 2.0, 3.0]
