@@ -14,6 +14,7 @@ from posttrain.errors import ConfigError
 from posttrain.rollout.async_source import AsyncRolloutSource
 from posttrain.rollout.engine import Rollout, RolloutServerError
 from posttrain.rollout.source import Sample
+from posttrain.runtime.checkpoint import RANK_STATE
 
 
 class FakeStream:
@@ -167,9 +168,8 @@ def test_too_stale_batch_is_dropped_with_the_queue_behind_it_and_regenerated():
     assert [c[:2] for c in fake.calls[:8]] == first
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_resume_regenerates_what_was_queued_but_not_trained(k):
-    straight = run_steps(AsyncRolloutSource(FakeSource(), k, total_steps=8), range(8))
+def _stopped_at_step_4(k: int) -> tuple[dict[str, Any], list[int]]:
+    """A run of 8 steps stopped after step 3: its checkpoint state and the steps it queued."""
     fake = FakeSource()
     first = AsyncRolloutSource(fake, k, total_steps=8)
     run_steps(first, range(4))
@@ -177,10 +177,40 @@ def test_resume_regenerates_what_was_queued_but_not_trained(k):
     queued = [c[0] for c in fake.calls if c[0] >= 4]
     assert queued and fake.stream.position == 4 + len(queued)
     assert state["stream"] == {"position": 4}  # before the oldest untrained batch
+    return state, queued
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_resume_trains_the_queued_batches_like_the_straight_run(k):
+    straight_fake = FakeSource()
+    straight = run_steps(AsyncRolloutSource(straight_fake, k, total_steps=8), range(8))
+    state, queued = _stopped_at_step_4(k)
+    assert [job["step"] for job in state[RANK_STATE]["jobs"]] == queued
     resumed_fake = FakeSource()
     resumed = AsyncRolloutSource(resumed_fake, k, total_steps=8)
     resumed.load_state_dict(state)
-    resumed.sync_weights(None, 4)  # Trainer.resume: after_step(step) always pushes
+    resumed.sync_weights(None, 4)  # Trainer.resume: pushes only where the straight run did
+    history = run_steps(resumed, range(4, 8))
+    assert [c[0] for c in resumed_fake.calls if c[0] in queued] == []  # none generated again
+    keys = ("prompt", "rollout/staleness/max", "rollout/pushed")
+    assert [{k_: m[k_] for k_ in keys} for m in history] == [
+        {k_: m[k_] for k_ in keys} for m in straight[4:]
+    ]
+    # version 4 was pushed before the checkpoint: the resumed run pushes what came after it
+    assert resumed_fake.pushes == [v for v in straight_fake.pushes if v > 4]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_resume_without_the_queued_batches_regenerates_them(k):
+    """An older checkpoint (or a failed generation in the queue) has no prefetched batches: the
+    resumed run pushes the checkpoint's weights and generates them again, from the same rows."""
+    straight = run_steps(AsyncRolloutSource(FakeSource(), k, total_steps=8), range(8))
+    state, _ = _stopped_at_step_4(k)
+    state = {key: value for key, value in state.items() if key != RANK_STATE}
+    resumed_fake = FakeSource()
+    resumed = AsyncRolloutSource(resumed_fake, k, total_steps=8)
+    resumed.load_state_dict(state)
+    resumed.sync_weights(None, 4)
     assert resumed_fake.pushes == [4]
     history = run_steps(resumed, range(4, 8))
     assert [m["prompt"] for m in history] == [m["prompt"] for m in straight[4:]]
