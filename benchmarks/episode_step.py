@@ -41,7 +41,8 @@ trained on (they are in every sequence) and generated free (the floor) or at the
 
 Usage:
     .venv/bin/python benchmarks/episode_step.py [--steps 4] [--turns 4] [--turn-tokens 32]
-        [--vllm-block-size N] [--threads default] [--out benchmarks/results/episode_step.json]
+        [--vllm-block-size N] [--role-tokens] [--threads default]
+        [--out benchmarks/results/episode_step.json]
 
 `--steps N`: N steps of each kind, the first of each a warm-up (4 -> 3 measured pairs). Unlike
 grpo_step.py everything runs in this process (one vLLM engine). Timings on a shared CPU are
@@ -86,6 +87,9 @@ MICRO_BATCH = 16  # grpo_step's fastest micro-batch size on this CPU
 REWARDS = r"rewards=[{name: regex_match, kwargs: {pattern: '[!-O]\s*$'}}]"
 MODES = ("single", "multi")
 NOISE_MARGIN = 0.95  # a ratio under this share of its token floor is flagged as load noise
+# `--role-tokens`: role headers as one token each, as real BPE tokenizers encode them (Qwen2:
+# "<|im_start|>user\n" is 3 tokens, the character tokenizer spends 7 on it)
+ROLE_TOKENS = ("user\n", "assistant\n", "system\n", "tool\n")
 
 
 class FixedTurnsEnv:
@@ -113,6 +117,46 @@ class FixedTurnsEnv:
     def final_reward(self) -> float | None:
         """None: the final answer is scored by the configured `rewards`."""
         return None
+
+
+def add_role_tokens(model_dir: str) -> int:
+    """Give the bench model's tokenizer one token per role header (`ROLE_TOKENS`), in place.
+
+    The character tokenizer spells every chat header letter by letter, so an observation's
+    framing costs 22 tokens where a BPE tokenizer spends about 10. The new tokens get new
+    embedding rows (random like the rest of the bench model); the model is saved back.
+
+    Args:
+        model_dir: a `make_tiny(size="bench")` directory.
+
+    Returns:
+        The framing tokens of one observation turn after the change.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.add_tokens(list(ROLE_TOKENS))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return framing_tokens(tok)
+
+
+def framing_tokens(tok: Any) -> int:
+    """Tokens one observation turn adds to an episode (its framing plus its content): from the
+    end-of-turn token of an assistant turn to the next assistant turn's first sampled token."""
+    base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    turn = tok.apply_chat_template(base, tokenize=False)
+    turn = turn[: turn.rindex(tok.eos_token) + len(tok.eos_token)]
+    full = tok.apply_chat_template(
+        [*base, {"role": "user", "content": OBSERVATION}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    return len(tok(full, add_special_tokens=False)["input_ids"]) - len(
+        tok(turn, add_special_tokens=False)["input_ids"]
+    )
 
 
 class ForcedLengthLLM:
@@ -453,7 +497,8 @@ def print_table(result: dict[str, Any]) -> None:
         f"\nGRPO step, {s['tasks']} tasks x {s['episodes']} samples: single-turn "
         f"{s['single_tokens']} tokens vs {s['turns']} turns x {s['turn_tokens']} tokens; "
         f"{n} pairs after a warm-up step each (torch threads {r['torch_threads']}, "
-        f"vLLM {r['vllm_cache']})"
+        f"vLLM {r['vllm_cache']}); {s.get('tokens_per_observation', '?')} tokens per "
+        f"observation ({'role tokens' if s.get('role_tokens') else 'character tokenizer'})"
     )
     print(f"{'phase (s)':<18}{'single min/med':>16}{'multi min/med':>16}{'multi-single med':>18}")
     for p in PHASES:
@@ -491,6 +536,12 @@ def print_table(result: dict[str, Any]) -> None:
         )
 
 
+def _framing_of(model_dir: str) -> int:
+    from transformers import AutoTokenizer
+
+    return framing_tokens(AutoTokenizer.from_pretrained(model_dir))
+
+
 def parse_args() -> argparse.Namespace:
     """The command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -504,6 +555,12 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="vLLM KV-cache block size (default: vLLM's, 128 on CPU; its prefix cache reuses "
         "whole blocks, so smaller blocks re-prefill less of an episode each turn)",
+    )
+    ap.add_argument(
+        "--role-tokens",
+        action="store_true",
+        help="one token per role header (user, assistant...), as BPE tokenizers of real models "
+        "have, instead of the character tokenizer's letter-by-letter headers",
     )
     ap.add_argument("--out", default="benchmarks/results/episode_step.json")
     ap.add_argument("--model-dir", default=None, help="reuse a make_tiny(size='bench') directory")
@@ -523,6 +580,8 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="episode-bench-")
     if args.model_dir is None:
         args.model_dir = str(make_tiny(Path(tmp.name) / "bench-model", size="bench", seed=0))
+    if args.role_tokens:
+        add_role_tokens(args.model_dir)
     result: dict[str, Any] = {"machine": machine_info(), "target_ratio": TARGET_RATIO}
     result["shape"] = {
         "tasks": TASKS,
@@ -533,6 +592,8 @@ def main() -> None:
         "observation": OBSERVATION,
         "micro_batch": MICRO_BATCH,
         "vllm_block_size": args.vllm_block_size,
+        "role_tokens": args.role_tokens,
+        "tokens_per_observation": _framing_of(args.model_dir),
     }
     result["params"] = count_params(args.model_dir)
     result["matmul_gflops"] = matmul_gflops(iters=2, trials=4)
