@@ -74,6 +74,7 @@ from grpo_step import (
     stats,
     step_overrides,
 )
+from role_tokens import add_role_tokens, tokens_per_observation
 
 from posttrain.envs.base import StepResult, Turn
 
@@ -87,9 +88,6 @@ MICRO_BATCH = 16  # grpo_step's fastest micro-batch size on this CPU
 REWARDS = r"rewards=[{name: regex_match, kwargs: {pattern: '[!-O]\s*$'}}]"
 MODES = ("single", "multi")
 NOISE_MARGIN = 0.95  # a ratio under this share of its token floor is flagged as load noise
-# `--role-tokens`: role headers as one token each, as real BPE tokenizers encode them (Qwen2:
-# "<|im_start|>user\n" is 3 tokens, the character tokenizer spends 7 on it)
-ROLE_TOKENS = ("user\n", "assistant\n", "system\n", "tool\n")
 
 
 class FixedTurnsEnv:
@@ -117,46 +115,6 @@ class FixedTurnsEnv:
     def final_reward(self) -> float | None:
         """None: the final answer is scored by the configured `rewards`."""
         return None
-
-
-def add_role_tokens(model_dir: str) -> int:
-    """Give the bench model's tokenizer one token per role header (`ROLE_TOKENS`), in place.
-
-    The character tokenizer spells every chat header letter by letter, so an observation's
-    framing costs 22 tokens where a BPE tokenizer spends about 10. The new tokens get new
-    embedding rows (random like the rest of the bench model); the model is saved back.
-
-    Args:
-        model_dir: a `make_tiny(size="bench")` directory.
-
-    Returns:
-        The framing tokens of one observation turn after the change.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.add_tokens(list(ROLE_TOKENS))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    return framing_tokens(tok)
-
-
-def framing_tokens(tok: Any) -> int:
-    """Tokens one observation turn adds to an episode (its framing plus its content): from the
-    end-of-turn token of an assistant turn to the next assistant turn's first sampled token."""
-    base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    turn = tok.apply_chat_template(base, tokenize=False)
-    turn = turn[: turn.rindex(tok.eos_token) + len(tok.eos_token)]
-    full = tok.apply_chat_template(
-        [*base, {"role": "user", "content": OBSERVATION}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    return len(tok(full, add_special_tokens=False)["input_ids"]) - len(
-        tok(turn, add_special_tokens=False)["input_ids"]
-    )
 
 
 class ForcedLengthLLM:
@@ -497,8 +455,8 @@ def print_table(result: dict[str, Any]) -> None:
         f"\nGRPO step, {s['tasks']} tasks x {s['episodes']} samples: single-turn "
         f"{s['single_tokens']} tokens vs {s['turns']} turns x {s['turn_tokens']} tokens; "
         f"{n} pairs after a warm-up step each (torch threads {r['torch_threads']}, "
-        f"vLLM {r['vllm_cache']}); {s.get('tokens_per_observation', '?')} tokens per "
-        f"observation ({'role tokens' if s.get('role_tokens') else 'character tokenizer'})"
+        f"vLLM {r['vllm_cache']}); {s['tokens_per_observation']} tokens per "
+        f"observation ({'role tokens' if s['role_tokens'] else 'character tokenizer'})"
     )
     print(f"{'phase (s)':<18}{'single min/med':>16}{'multi min/med':>16}{'multi-single med':>18}")
     for p in PHASES:
@@ -536,12 +494,6 @@ def print_table(result: dict[str, Any]) -> None:
         )
 
 
-def _framing_of(model_dir: str) -> int:
-    from transformers import AutoTokenizer
-
-    return framing_tokens(AutoTokenizer.from_pretrained(model_dir))
-
-
 def parse_args() -> argparse.Namespace:
     """The command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -563,7 +515,11 @@ def parse_args() -> argparse.Namespace:
         "have, instead of the character tokenizer's letter-by-letter headers",
     )
     ap.add_argument("--out", default="benchmarks/results/episode_step.json")
-    ap.add_argument("--model-dir", default=None, help="reuse a make_tiny(size='bench') directory")
+    ap.add_argument(
+        "--model-dir",
+        default=None,
+        help="reuse a make_tiny(size='bench') directory (--role-tokens changes it in place)",
+    )
     args = ap.parse_args()
     if args.steps < 1 or args.turns < 1 or args.turn_tokens < 2:
         ap.error("--steps and --turns must be >= 1, --turn-tokens >= 2")
@@ -582,6 +538,7 @@ def main() -> None:
         args.model_dir = str(make_tiny(Path(tmp.name) / "bench-model", size="bench", seed=0))
     if args.role_tokens:
         add_role_tokens(args.model_dir)
+    observation_tokens = tokens_per_observation(args.model_dir, OBSERVATION)
     result: dict[str, Any] = {"machine": machine_info(), "target_ratio": TARGET_RATIO}
     result["shape"] = {
         "tasks": TASKS,
@@ -593,7 +550,7 @@ def main() -> None:
         "micro_batch": MICRO_BATCH,
         "vllm_block_size": args.vllm_block_size,
         "role_tokens": args.role_tokens,
-        "tokens_per_observation": _framing_of(args.model_dir),
+        "tokens_per_observation": observation_tokens,
     }
     result["params"] = count_params(args.model_dir)
     result["matmul_gflops"] = matmul_gflops(iters=2, trials=4)
