@@ -180,6 +180,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _say(line: str) -> None:
+    """Writes one line to stderr in a single write: under torchrun every rank's line shares one
+    pipe, and `print` writes the text and its newline separately, so two ranks' lines could run
+    together. A pipe write under PIPE_BUF (4096 bytes) is never interleaved with another."""
+    sys.stderr.flush()
+    data = (line + "\n").encode("utf-8", "replace")
+    try:
+        os.write(sys.stderr.fileno(), data)
+    except (AttributeError, OSError, ValueError):  # stderr replaced (pytest capture, no fd)
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user mistakes print one line (no traceback) and exit with status 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -189,10 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "rollout-server":
         hint = "; settings are key.sub=value overrides (e.g. train.steps=5)"
-        print(
+        _say(
             f"posttrain: error: unrecognized arguments: {' '.join(unknown)}"
-            f"{hint if args.command in ('train', 'eval') else ''}",
-            file=sys.stderr,
+            f"{hint if args.command in ('train', 'eval') else ''}"
         )
         return 2
     if unknown[:1] == ["--"]:
@@ -207,15 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except (ConfigError, StorageError) as err:  # StorageError: e.g. the disk is full
-        print(f"posttrain: error: {err}", file=sys.stderr)
+        _say(f"posttrain: error: {err}")
         return 2
     except RolloutError as err:  # the run stopped cleanly with a resumable checkpoint
-        print(f"posttrain: rollout failed: {err}", file=sys.stderr)
+        _say(f"posttrain: rollout failed: {err}")
         return 1
     except PreemptedError:  # SIGTERM during the warm-up: its checkpoint and line are written
         return 0
     except NumericalError as err:  # stopped on non-finite steps, with a resumable checkpoint
-        print(f"posttrain: training stopped: {err}", file=sys.stderr)
+        _say(f"posttrain: training stopped: {err}")
         return 1
 
 
