@@ -19,7 +19,6 @@ registry entry (`algorithms.AlgorithmSpec`) and the `Algorithm` protocol (algori
 from __future__ import annotations
 
 import gc
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,27 +57,8 @@ from posttrain.runtime.numerics import (
     update_suppressed,
 )
 from posttrain.runtime.preemption import Preemption
+from posttrain.runtime.schedule import loss_below, lr_multiplier
 from posttrain.runtime.watchdog import Watchdog
-
-
-def lr_multiplier(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Learning-rate factor for optimizer step `step` (0-based): linear warm-up then decay.
-
-    Args:
-        step: optimizer steps already taken.
-        warmup: warm-up steps (factor rises linearly from 1/warmup to 1).
-        total: total optimizer steps of the run.
-        schedule: `cosine`, `linear` or `constant` decay after warm-up.
-        min_ratio: the factor at the end of the decay.
-    """
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress_frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_ratio) * progress_frac
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress_frac))
 
 
 def set_seed(seed: int) -> None:
@@ -472,6 +452,10 @@ class Trainer:
             self._after_metrics(metrics)
             if self._numerics_stop:
                 raise self._stop_on_bad_steps()
+            if loss_below(self.history, self.cfg.train.stop_loss):  # SFT: learned enough
+                if dist.is_main():
+                    print(f"[posttrain] loss < train.stop_loss at step {self.step}", flush=True)
+                return True
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(_postfix(metrics), refresh=False)

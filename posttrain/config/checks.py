@@ -73,6 +73,10 @@ def validate(cfg: Config) -> None:
         w.train_size is None or w.train_size >= 1,
         f"warmup.train_size={w.train_size} must be >= 1 (rows), or null (all of data.train_size)",
     )
+    _check(
+        w.stop_loss is None or w.stop_loss > 0,
+        f"warmup.stop_loss={w.stop_loss} must be > 0 (a loss), or null (run all warmup.steps)",
+    )
     _validate_train(cfg)
     _check(cfg.loss.clip_low >= 0 and cfg.loss.clip_high >= 0, "loss.clip_low/clip_high >= 0")
     _check(cfg.loss.clip_low < 1, "loss.clip_low must be < 1")
@@ -190,6 +194,11 @@ def _validate_train(cfg: Config) -> None:
         t.max_bad_steps >= 0,
         f"train.max_bad_steps={t.max_bad_steps} must be >= 0 "
         "(NaN/inf steps skipped in a row; 0 = stop at the first)",
+    )
+    _check(
+        t.stop_loss is None or (t.stop_loss > 0 and t.algorithm == "sft"),
+        f"train.stop_loss={t.stop_loss} must be > 0 and is for train.algorithm=sft only "
+        "(the warm-up's is warmup.stop_loss), or null",
     )
     _check(
         not t.offload_optimizer or t.zero_stage >= 1,

@@ -227,6 +227,7 @@ def warmup_config(cfg: Config, model_path: str, output_dir: str) -> Config:
             "eval_every": 0,
             "resume": "auto",  # a warm-up stopped by SIGTERM continues from its checkpoint
             "sft_batch_size": w.batch_size,
+            "stop_loss": w.stop_loss,
         },
         "optim": {"lr": w.lr, "warmup_steps": w.warmup_steps},
         "guide": {"enabled": False},  # only `guide.warmup_hinted` and the hint source apply

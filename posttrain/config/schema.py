@@ -267,6 +267,9 @@ class TrainConfig:
     # a NaN/inf loss or gradient skips its optimizer update; this many such steps in a row
     # are tolerated, one more stops the run with the checkpoint from before them (0 = the first)
     max_bad_steps: int = 3
+    # SFT only: end the run early once the mean loss of its last 10 steps is below this (the
+    # warm-up's `warmup.stop_loss`); null = run all `steps`
+    stop_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -358,6 +361,10 @@ class WarmupConfig:
     # the warm-up's share of the task: the first `train_size` training rows (None: all of
     # data.train_size). Less than the RL run trains on leaves it something to learn
     train_size: int | None = None
+    # end the warm-up early once its mean loss over the last 10 steps is below this (null: all
+    # `steps`). A skill learned in one jump whose step varies by seed (copying operands) is then
+    # stopped just past the jump: learned on some tasks, not all, which leaves RL headroom
+    stop_loss: float | None = None
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ __all__ = [
 # name -> "module:Class". Keep sorted; no import magic.
 ENVIRONMENTS: dict[str, str] = {
     "calculator": "posttrain.envs.calculator:CalculatorEnv",
+    "calculator_expression": "posttrain.envs.calculator:CalculatorExpressionEnv",
     "code_feedback": "posttrain.envs.code_feedback:CodeFeedbackEnv",
     "guess_number": "posttrain.envs.guess_number:GuessNumberEnv",
 }

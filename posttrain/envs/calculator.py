@@ -1,4 +1,5 @@
-"""`calculator`: sums and products of 3-digit numbers, solved by calling `add` / `multiply`.
+"""`calculator`: sums and products of 3-digit numbers, solved by calling `add` / `multiply`
+(`calculator_expression`: by calling `calculate` on the question's expression).
 
 A row is `{"prompt": "What is 347 * 862?", "answer": "299114"}`; the episode's first message is the
 question. The model calls the tools (hermes-format tool calls), then answers without a tool call;
@@ -8,13 +9,25 @@ answer, else 0.0 (also 0.0 when the episode ended before a final answer).
 
 from __future__ import annotations
 
+import ast
+import operator
+from collections.abc import Callable
 from typing import Any
 
 from posttrain.envs.tasks import check_split, last_integer, split_of, task_rng
 from posttrain.envs.tools import ToolEnv, tool_call_text
 from posttrain.errors import ConfigError
 
-__all__ = ["CalculatorEnv", "add", "make_rows", "multiply", "sft_transcripts"]
+__all__ = [
+    "CalculatorEnv",
+    "CalculatorExpressionEnv",
+    "add",
+    "calculate",
+    "expression_transcripts",
+    "make_rows",
+    "multiply",
+    "sft_transcripts",
+]
 
 TEST_FRACTION = 0.2
 LOW, HIGH = 100, 999  # operands: 3-digit numbers
@@ -45,6 +58,37 @@ def multiply(a: int, b: int) -> int:
         The product a * b.
     """
     return a * b
+
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+
+def calculate(expression: str) -> int:
+    """Evaluate an arithmetic expression of integers with +, - and * (and parentheses).
+
+    Args:
+        expression: The expression, e.g. "421 * 624".
+
+    Returns:
+        Its integer value.
+    """
+    if len(expression) > 200:
+        raise ValueError("expression longer than 200 characters")
+
+    def value(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            return _BINARY[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        raise ValueError(f"not an integer expression of +, - and *: {expression!r}")
+
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"not an integer expression of +, - and *: {expression!r}") from e
+    return value(tree.body)
 
 
 def _question(a: int, op: str, b: int) -> str:
@@ -87,6 +131,16 @@ def _parse(question: str) -> tuple[int, str, int]:
     return int(a), op, int(b)
 
 
+def _op_call(a: int, op: str, b: int) -> tuple[str, dict[str, Any]]:
+    """`add` / `multiply` with the two operands."""
+    return _OPS[op], {"a": a, "b": b}
+
+
+def _expression_call(a: int, op: str, b: int) -> tuple[str, dict[str, Any]]:
+    """`calculate` with the question's expression, copied as one span."""
+    return "calculate", {"expression": f"{a} {op} {b}"}
+
+
 def sft_transcripts(
     rows: list[dict[str, Any]], direct_fraction: float = 0.0, direct_ops: str = "+*"
 ) -> list[list[dict[str, Any]]]:
@@ -111,6 +165,39 @@ def sft_transcripts(
     Raises:
         ConfigError: direct_fraction outside [0, 1], or an unknown operator in direct_ops.
     """
+    return _transcripts(rows, _op_call, direct_fraction, direct_ops)
+
+
+def expression_transcripts(
+    rows: list[dict[str, Any]], direct_fraction: float = 0.0, direct_ops: str = "+*"
+) -> list[list[dict[str, Any]]]:
+    """`sft_transcripts` with one `calculate(expression)` call instead of `add` / `multiply`.
+
+    The call copies the question's "421 * 624" as one contiguous span at one fixed distance, where
+    `add(a, b)` / `multiply(a, b)` copy two numbers to places that depend on the operator: a
+    small model learns this copy sooner and at a less seed-dependent step.
+
+    Args:
+        rows: rows of `make_rows`.
+        direct_fraction: as in `sft_transcripts`.
+        direct_ops: as in `sft_transcripts`.
+
+    Returns:
+        One message list per row (see `sft_transcripts`).
+
+    Raises:
+        ConfigError: as in `sft_transcripts`.
+    """
+    return _transcripts(rows, _expression_call, direct_fraction, direct_ops)
+
+
+def _transcripts(
+    rows: list[dict[str, Any]],
+    call: Callable[[int, str, int], tuple[str, dict[str, Any]]],
+    direct_fraction: float,
+    direct_ops: str,
+) -> list[list[dict[str, Any]]]:
+    """The transcripts of `rows`, each tool call made by `call(a, op, b) -> (name, arguments)`."""
     if not 0.0 <= direct_fraction <= 1.0:
         raise ConfigError(
             f"env.transcript_kwargs.direct_fraction={direct_fraction} is not valid; use 0..1"
@@ -123,7 +210,7 @@ def sft_transcripts(
     out = []
     for row in rows:
         a, op, b = _parse(row["prompt"])
-        name = _OPS[op]
+        name, arguments = call(a, op, b)
         result = str(add(a, b) if op == "+" else multiply(a, b))
         direct = split_of(f"calculator-direct:{row['prompt']}", direct_fraction) == "test"
         if direct and op in direct_ops:
@@ -137,7 +224,7 @@ def sft_transcripts(
         out.append(
             [
                 {"role": "user", "content": row["prompt"]},
-                {"role": "assistant", "content": tool_call_text(name, {"a": a, "b": b})},
+                {"role": "assistant", "content": tool_call_text(name, arguments)},
                 {"role": "tool", "name": name, "content": result},
                 {"role": "assistant", "content": result},
             ]
@@ -162,3 +249,10 @@ class CalculatorEnv(ToolEnv):
         if self.final_text is None:
             return 0.0
         return 1.0 if last_integer(self.final_text) == self.answer else 0.0
+
+
+class CalculatorExpressionEnv(CalculatorEnv):
+    """The calculator task with one tool, `calculate(expression)` (`calculator_expression`)."""
+
+    tools = (calculate,)
+    sft_transcripts = staticmethod(expression_transcripts)

@@ -51,6 +51,29 @@ def test_sft_recipe_short_run_packed(tmp_path, tiny_model_dir):
     assert (t.final_checkpoint / "model.safetensors").is_file()
 
 
+def test_sft_stop_loss_ends_at_the_first_window_below_it(tmp_path, tiny_model_dir):
+    """A straight 14-step run gives the losses; the threshold picked from them must end a
+    30-step run at the first step whose last-10 mean is below it, with the same losses."""
+    base = [f"model.path={tiny_model_dir}", *SHORT, "sft.packing=false", "train.save_every=0"]
+    base.append("optim.schedule=constant")  # the learning rate does not depend on train.steps
+    straight = load_config(
+        RECIPES / "sft_tiny.yaml", [*base, "train.steps=14", f"train.output_dir={tmp_path / 'a'}"]
+    )
+    losses = [row["loss"] for row in _train(straight)[1]]
+    means = {k: sum(losses[k - 10 : k]) / 10 for k in range(10, 15)}  # after step k
+    threshold = sorted(means.values())[1] + 1e-9  # reached at some step 10..14
+    expected = min(k for k, m in means.items() if m < threshold)
+    cfg = load_config(
+        RECIPES / "sft_tiny.yaml",
+        [*base, "train.steps=30", f"train.stop_loss={threshold}", f"train.output_dir={tmp_path}"],
+    )
+    t, history = _train(cfg)
+    assert [row["loss"] for row in history] == losses[:expected]
+    assert t.step == expected and t.final_checkpoint.name == "final"
+    steps = [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert steps == [*range(1, expected + 1)]
+
+
 def test_sft_on_a_conversation_file(tmp_path, tiny_model_dir):
     rows = [
         {

@@ -129,5 +129,17 @@ def test_warmup_train_size_is_a_prefix_of_the_rl_rows():
     rl_rows, rl_eval = load_train_eval_rows(cfg)
     warm_rows, warm_eval = load_train_eval_rows(sub)
     assert warm_rows == rl_rows[:200] and warm_eval == rl_eval
+    assert sub.train.stop_loss is None
+    stopping = warmup_config(load_config(None, ["warmup.stop_loss=0.1"]), "m", "out")
+    assert stopping.train.stop_loss == 0.1 and stopping.train.algorithm == "sft"
+    for bad, match in [
+        ("warmup.stop_loss=0", r"warmup\.stop_loss=0\.0 must be > 0"),
+        (
+            "train.stop_loss=0.1",
+            r"train\.stop_loss=0\.1 must be > 0 and is for train\.algorithm=sft",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [bad])
     with pytest.raises(ConfigError, match=r"warmup\.train_size=0 must be >= 1"):
         load_config(ROOT / "recipes" / "quickstart.yaml", ["warmup.train_size=0"])

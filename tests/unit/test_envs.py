@@ -25,7 +25,13 @@ from posttrain.envs import (
     guess_number,
     make_environment,
 )
-from posttrain.envs.calculator import CalculatorEnv, add, multiply
+from posttrain.envs.calculator import (
+    CalculatorEnv,
+    CalculatorExpressionEnv,
+    add,
+    calculate,
+    multiply,
+)
 from posttrain.envs.code_feedback import CodeFeedbackEnv
 from posttrain.envs.guess_number import GuessNumberEnv
 from posttrain.envs.tools import ToolEnv, python_tool, run_python, tool_call_text
@@ -62,9 +68,15 @@ class NotAnEnv:
 
 
 def test_registry_builds_each_registered_environment() -> None:
-    assert set(ENVIRONMENTS) == {"calculator", "guess_number", "code_feedback"}
+    assert set(ENVIRONMENTS) == {
+        "calculator",
+        "calculator_expression",
+        "guess_number",
+        "code_feedback",
+    }
     classes = {"calculator": CalculatorEnv, "guess_number": GuessNumberEnv}
     classes["code_feedback"] = CodeFeedbackEnv
+    classes["calculator_expression"] = CalculatorExpressionEnv
     for name, cls in classes.items():
         assert environment_class(name) is cls
         env = make_environment(name, {})
@@ -406,6 +418,41 @@ def test_calculator_transcript_uses_hermes_tool_calls() -> None:
         {"role": "tool", "name": "multiply", "content": "299114"},
         {"role": "assistant", "content": "299114"},
     ]]  # fmt: skip
+
+
+def test_calculate_evaluates_integer_expressions_and_refuses_the_rest() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):  # random expressions of + - * and parentheses, against Python's eval
+        expr = str(rng.randint(-999, 999))
+        for _ in range(rng.randint(1, 4)):
+            expr = f"{expr} {rng.choice('+-*')} {rng.randint(0, 999)}"
+            expr = f"({expr})" if rng.random() < 0.3 else expr
+        assert calculate(expr) == eval(expr), expr
+    for bad in ["2 ** 10", "7 / 2", "x + 1", "1.5 * 2", "", "__import__('os')", "1" * 201]:
+        with pytest.raises(ValueError):
+            calculate(bad)
+    env = make_environment("calculator_expression", {})
+    env.reset({"prompt": "What is 421 * 624?", "answer": "262704"})
+    call = '<tool_call>{"name": "calculate", "arguments": {"expression": "2 ** 99"}}</tool_call>'
+    result = env.step(_calls(call))
+    assert result.tool_outcomes == ["error"] and not result.done
+    assert "not an integer expression" in result.messages[0]["content"]
+
+
+def test_calculator_expression_transcripts_copy_the_question_and_replay() -> None:
+    rows = calculator.make_rows(30, 0, "train") + calculator.make_rows(20, 0, "test")
+    transcripts = CalculatorExpressionEnv.sft_transcripts(rows)
+    for row, transcript in zip(rows, transcripts, strict=True):
+        span = row["prompt"].removeprefix("What is ").removesuffix("?")
+        call = {"name": "calculate", "arguments": {"expression": span}}
+        assert transcript[1]["content"] == tool_call_text("calculate", call["arguments"])
+        assert transcript[2] == {"role": "tool", "name": "calculate", "content": row["answer"]}
+        assert _replay("calculator_expression", transcript, row) == 1.0
+    assert [s["function"]["name"] for s in CalculatorExpressionEnv().schemas()] == ["calculate"]
+    direct = CalculatorExpressionEnv.sft_transcripts(rows, direct_fraction=1.0)
+    assert direct == calculator.sft_transcripts(rows, direct_fraction=1.0)  # no call to differ
 
 
 def test_calculator_direct_fraction_answers_that_share_without_the_tool(tmp_path) -> None:

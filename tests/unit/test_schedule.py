@@ -29,3 +29,15 @@ def test_cosine_endpoints_and_midpoint():
 def test_linear_decay():
     f = lambda s: lr_multiplier(s, warmup=0, total=10, schedule="linear", min_ratio=0.0)  # noqa: E731
     assert [round(f(s), 6) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+
+
+def test_loss_below_averages_the_last_window_of_full_steps():
+    from posttrain.runtime.schedule import loss_below
+
+    rows = [{"loss": v} for v in [1.0] * 5 + [0.1] * 9]
+    assert not loss_below(rows, None)  # no threshold: never stops
+    assert not loss_below(rows[:9], 10.0, window=10)  # fewer steps than the window
+    # last 10: one 1.0 and nine 0.1 -> mean 0.19
+    assert not loss_below(rows, 0.19) and loss_below(rows, 0.1901)
+    assert loss_below([*rows, {"loss": 0.1}], 0.1001)  # the 1.0 left the window: mean 0.1
+    assert not loss_below([{"reward": 0.0}] * 10, 5.0)  # no loss rows (an RL metric) -> no stop
