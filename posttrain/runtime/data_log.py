@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.runtime.storage import append_line
+
 FILE = "data_ids.jsonl"
 
 
@@ -135,14 +137,7 @@ class DataLog:
         if self._cut_at is not None:
             truncate(self.path, self._cut_at)
             self._cut_at = None
-        data = (json.dumps(record(step, drawn)) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            while data:  # one call in practice: a kill leaves the line whole or torn at its end
-                data = data[os.write(fd, data) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.path, json.dumps(record(step, drawn)) + "\n")
 
 
 def drawn_rows(algorithm: Any) -> Drawn | None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ConfigError
+from posttrain.runtime.storage import append_line
 
 WANDB_MODES = ("offline", "online", "disabled")
 METRICS_FILE = "metrics.jsonl"
@@ -84,12 +85,13 @@ class RunLogger:
         self.config = dict(config or {})
         self.enabled = is_rank_zero()
         self.metrics_path = self.out_dir / METRICS_FILE
-        self._file = None
+        self._target: Path | None = None  # metrics.jsonl while open (rank 0)
         self._wandb_run: Any = None
         adopt_third_party_loggers()  # the loggers of libraries imported while the run was built
         if self.enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._file = self.metrics_path.open("a", encoding="utf-8")
+            self._target = self.metrics_path
+            self._target.touch()
 
     def _wandb(self) -> Any:
         """The wandb run, started on first use; None when wandb is disabled or on other ranks."""
@@ -124,19 +126,17 @@ class RunLogger:
                 "metrics must not contain the key 'step'; pass it as the step argument"
             )
         values = {str(k): _to_float(str(k), v) for k, v in metrics.items()}
-        if self._file is None:
+        if self._target is None:
             raise RuntimeError(f"RunLogger for {str(self.out_dir)!r} is closed")
-        self._file.write(json.dumps({"step": int(step), **values}, allow_nan=False) + "\n")
-        self._file.flush()
+        # one write, fsynced; a full disk ends the run with one line (nothing torn is left)
+        append_line(self._target, json.dumps({"step": int(step), **values}, allow_nan=False) + "\n")
         run = self._wandb()
         if run is not None:
             run.log({k: (math.nan if v is None else v) for k, v in values.items()}, step=int(step))
 
     def close(self) -> None:
         """Close metrics.jsonl and finish the wandb run (safe to call twice)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._target = None
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None

@@ -9,7 +9,9 @@ was writing to has (almost) no free space left right after it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -100,4 +102,42 @@ def save_error(
     return StorageError(
         f"checkpoint {ckpt_dir} could not be written: {_what(code, err if mine else None)}"
         f"{who}; the partial {tmp} was removed; {then}"
+    )
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a run log (`metrics.jsonl`, `data_ids.jsonl`) and fsync it; a write
+    that fails leaves the file as it was (the partial line cut off), so readers never see a torn
+    line in the middle after a resume.
+
+    Args:
+        path: the log file (created if missing).
+        line: the text, ending with a newline.
+
+    Raises:
+        StorageError: the write failed (the disk is full, or another I/O error), naming the file.
+    """
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:  # one call in practice: a kill leaves the line whole or torn at its end
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise append_error(path, err) from err
+    finally:
+        os.close(fd)
+
+
+def append_error(path: Path, err: OSError) -> StorageError:
+    """The one line a run ends with when appending to its log `path` failed."""
+    code = NO_SPACE if out_of_space(err, path) else OS_ERROR
+    return StorageError(
+        f"could not append to {path}: {_what(code, err)}; the partial line was removed; "
+        f"free space, then continue with train.resume=auto (the newest checkpoint in "
+        f"{path.parent / 'checkpoints'})"
     )

@@ -144,3 +144,49 @@ def test_two_ranks_both_end_when_the_disk_fills(tmp_path, tiny_model_dir, zero_s
         assert all(f"checkpoint {step2} {ERROR}" in x for x in errors), shown
         assert _entries(out) == ["step-000001"]
         assert latest(out / "checkpoints") == out / "checkpoints" / "step-000001"
+
+
+def _fill(where: Path, leave: int) -> Path:
+    """A file filling the filesystem at `where` up to `leave` free bytes (tmpfs: whole pages)."""
+    filler = where / "filler"
+    free = os.statvfs(where).f_bavail * os.statvfs(where).f_frsize
+    with filler.open("wb") as fh:
+        fh.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def test_run_logs_on_a_full_disk_end_with_one_line_and_no_torn_line(tmp_path):
+    """metrics.jsonl and data_ids.jsonl: appends on a disk that fills. Each failed append raises
+    StorageError naming the file and ENOSPC, and cuts its partial line off: after space is freed,
+    appending goes on and every line of the file reads back whole, in order."""
+    from posttrain.runtime.data_log import DataLog, Drawn
+    from posttrain.runtime.logging import RunLogger, read_metrics
+
+    with small_fs(tmp_path / "disk", 1) as out:
+        logger = RunLogger(out, wandb_mode="disabled")
+        data_log = DataLog(out, enabled=True)
+        big = {f"metric/{i}": float(i) for i in range(300)}  # a ~5 kB line: pages fill fast
+        filler = _fill(out, 4096 * 2)
+        written, failures = 0, []
+        for step in range(1, 8):
+            try:
+                logger.log(step, big)
+                written = step
+            except StorageError as err:
+                failures.append(str(err))
+                break
+        assert failures and written < 7  # the disk filled within a few lines
+        assert failures[0].startswith(f"could not append to {out / 'metrics.jsonl'}: ")
+        assert "no space left on device (ENOSPC); the partial line was removed" in failures[0]
+        assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [*range(1, written + 1)]
+        assert (out / "metrics.jsonl").read_text().endswith("\n")
+        ids = Drawn.of([(0, i) for i in range(2000)])  # a ~10 kB line
+        with pytest.raises(StorageError, match=r"could not append to .*data_ids\.jsonl: no space"):
+            data_log.write(1, ids)
+        assert read_data_ids(out / FILE) == [] and (out / FILE).read_text() == ""
+        filler.unlink()  # space freed: the logs go on, whole
+        logger.log(written + 1, big)
+        data_log.write(1, ids)
+        assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [*range(1, written + 2)]
+        assert [r["step"] for r in read_data_ids(out / FILE)] == [1]
+        logger.close()
