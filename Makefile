@@ -30,7 +30,7 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

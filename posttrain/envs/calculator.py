@@ -1,5 +1,6 @@
 """`calculator`: sums and products of 3-digit numbers, solved by calling `add` / `multiply`
-(`calculator_expression`: by calling `calculate` on the question's expression).
+(`calculator_expression`: products with 6-digit results, by calling `calculate` on the question's
+expression).
 
 A row is `{"prompt": "What is 347 * 862?", "answer": "299114"}`; the episode's first message is the
 question. The model calls the tools (hermes-format tool calls), then answers without a tool call;
@@ -24,6 +25,7 @@ __all__ = [
     "add",
     "calculate",
     "expression_transcripts",
+    "make_product_rows",
     "make_rows",
     "multiply",
     "sft_transcripts",
@@ -109,6 +111,21 @@ def make_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any
     Raises:
         ConfigError: bad split or n (at most 100,000 rows).
     """
+    return _rows(n, seed, split, "+*", 0)
+
+
+def make_product_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """`make_rows` of products with 6-digit results only (`calculator_expression`'s tasks).
+
+    One result length puts every digit the model copies (question -> call, tool result ->
+    answer) at one fixed distance from where it is written, which a small model learns as one
+    positional copy; a task keeps the split it has in `make_rows`.
+    """
+    return _rows(n, seed, split, "*", 100_000)
+
+
+def _rows(n: int, seed: int, split: str, ops: str, min_result: int) -> list[dict[str, Any]]:
+    """`n` distinct tasks with an operator from `ops` and a result >= `min_result`."""
     check_split("calculator", split, n)
     if n > 100_000:
         raise ConfigError(f"calculator: n={n} is too many; use n <= 100000")
@@ -116,12 +133,15 @@ def make_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     while len(rows) < n:
-        a, op, b = rng.randint(LOW, HIGH), rng.choice(sorted(_OPS)), rng.randint(LOW, HIGH)
+        a, op, b = rng.randint(LOW, HIGH), rng.choice(sorted(ops)), rng.randint(LOW, HIGH)
         key = f"{a}{op}{b}"
-        if key in seen or split_of(f"calculator:{key}", TEST_FRACTION) != split:
+        result = a + b if op == "+" else a * b
+        if key in seen or result < min_result:
+            continue
+        if split_of(f"calculator:{key}", TEST_FRACTION) != split:
             continue
         seen.add(key)
-        rows.append({"prompt": _question(a, op, b), "answer": str(a + b if op == "+" else a * b)})
+        rows.append({"prompt": _question(a, op, b), "answer": str(result)})
     return rows
 
 
@@ -252,7 +272,9 @@ class CalculatorEnv(ToolEnv):
 
 
 class CalculatorExpressionEnv(CalculatorEnv):
-    """The calculator task with one tool, `calculate(expression)` (`calculator_expression`)."""
+    """Products of 3-digit numbers (6-digit results) with one tool, `calculate(expression)`
+    (`calculator_expression`)."""
 
     tools = (calculate,)
+    make_rows = staticmethod(make_product_rows)
     sft_transcripts = staticmethod(expression_transcripts)

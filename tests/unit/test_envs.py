@@ -441,8 +441,23 @@ def test_calculate_evaluates_integer_expressions_and_refuses_the_rest() -> None:
     assert "not an integer expression" in result.messages[0]["content"]
 
 
+def test_calculator_expression_tasks_are_6_digit_products_in_calculators_splits() -> None:
+    from posttrain.envs.tasks import split_of
+
+    assert environment_class("calculator_expression").make_rows is calculator.make_product_rows
+    for split in ("train", "test"):
+        rows = calculator.make_product_rows(300, 3, split)
+        assert len({r["prompt"] for r in rows}) == 300
+        assert rows == calculator.make_product_rows(300, 3, split)
+        for row in rows:
+            a, op, b = row["prompt"].removeprefix("What is ").removesuffix("?").split()
+            assert op == "*" and 100 <= int(a) <= 999 and 100 <= int(b) <= 999
+            assert row["answer"] == str(int(a) * int(b)) and len(row["answer"]) == 6
+            assert split_of(f"calculator:{a}*{b}", calculator.TEST_FRACTION) == split
+
+
 def test_calculator_expression_transcripts_copy_the_question_and_replay() -> None:
-    rows = calculator.make_rows(30, 0, "train") + calculator.make_rows(20, 0, "test")
+    rows = calculator.make_product_rows(30, 0, "train") + calculator.make_rows(20, 0, "test")
     transcripts = CalculatorExpressionEnv.sft_transcripts(rows)
     for row, transcript in zip(rows, transcripts, strict=True):
         span = row["prompt"].removeprefix("What is ").removesuffix("?")
