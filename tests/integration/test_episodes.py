@@ -430,6 +430,7 @@ def test_transcripts_json_roundtrip(tok, tmp_path):
 # every environment recipe, and the first words of its tasks
 ENV_RECIPES = {
     "calculator_tiny": "What is ",
+    "calculator_expression_tiny": "What is ",
     "calculator_loop": "What is ",
     "guess_number_tiny": "Guess my number",
     "code_feedback_tiny": "Write a Python function",
