@@ -38,3 +38,9 @@ def did_you_mean(name: str, options: list[str]) -> str:
     """A message suffix naming the closest of `options` to `name`, or listing them all."""
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.4)
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(options)}"
+
+
+def require(cond: bool, message: str) -> None:
+    """Raise `ConfigError(message)` unless `cond` (the config checks' one-line errors)."""
+    if not cond:
+        raise ConfigError(message)

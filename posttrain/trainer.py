@@ -452,13 +452,13 @@ class Trainer:
             self._after_metrics(metrics)
             if self._numerics_stop:
                 raise self._stop_on_bad_steps()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(_postfix(metrics), refresh=False)
             if loss_below(self.history, self.cfg.train.stop_loss):  # SFT: learned enough
                 if dist.is_main():
                     print(f"[posttrain] loss < train.stop_loss at step {self.step}", flush=True)
                 return True
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(_postfix(metrics), refresh=False)
 
     def _preempted(self, abandoned: bool) -> None:
         """Save the checkpoint of the last completed step on every rank; print the line."""

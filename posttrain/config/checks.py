@@ -15,11 +15,7 @@ from posttrain.config.guide_checks import validate_guide
 from posttrain.config.schema import CHOICES, Config
 from posttrain.config.train_checks import validate_train
 from posttrain.errors import ConfigError, did_you_mean
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
+from posttrain.errors import require as _check
 
 
 def _has_reward(cfg: Config) -> bool:

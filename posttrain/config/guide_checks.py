@@ -8,15 +8,11 @@ import math
 
 from posttrain.config.schema import Config
 from posttrain.errors import ConfigError
+from posttrain.errors import require as _check
 from posttrain.guidance import HINT_FUNCTIONS, TEMPLATE_FIELDS, template_fields
 
 # the algorithm whose loss trains hinted samples against their hinted-context logp_old
 GUIDE_ALGORITHMS = ("grpo",)
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
 
 
 def _check_hint_fn(name: str) -> None:

@@ -4,12 +4,7 @@ naming the field and what would be valid. Called by `checks.validate`."""
 from __future__ import annotations
 
 from posttrain.config.schema import Config
-from posttrain.errors import ConfigError
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
+from posttrain.errors import require as _check
 
 
 def validate_train(cfg: Config) -> None:
