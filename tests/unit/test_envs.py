@@ -25,18 +25,13 @@ from posttrain.envs import (
     guess_number,
     make_environment,
 )
-from posttrain.envs.calculator import (
-    CalculatorEnv,
-    CalculatorExpressionEnv,
-    add,
-    calculate,
-    multiply,
-)
+from posttrain.envs.calculator import CalculatorEnv, CalculatorExpressionEnv, add, multiply
 from posttrain.envs.code_feedback import CodeFeedbackEnv
 from posttrain.envs.guess_number import GuessNumberEnv
 from posttrain.envs.tools import ToolEnv, python_tool, run_python, tool_call_text
 from posttrain.errors import ConfigError
-from posttrain.rollout.tool_calls import parse_hermes
+from tests.env_play import calls as _calls
+from tests.env_play import replay as _replay
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox is Linux-only")
 
@@ -267,11 +262,6 @@ def test_python_tool_inside_a_tool_env(sandbox_layers) -> None:
 # ----------------------------------------------------------------- built-ins, scripted models
 
 
-def _calls(text: str) -> Turn:
-    calls, errors = parse_hermes(text)
-    return Turn(text=text, tool_calls=tuple(calls), parse_errors=tuple(errors))
-
-
 def test_calculator_played_to_success_and_failure() -> None:
     row = {"prompt": "What is 347 * 862?", "answer": str(347 * 862)}
     for final, reward in (("So it is 299,114.", 1.0), ("299115", 0.0), ("no idea", 0.0)):
@@ -374,26 +364,6 @@ def test_calculator_rows_are_3_digit_questions() -> None:
 # -------------------------------------------------------------------- SFT transcripts replay
 
 
-def _replay(name: str, transcript: list[dict[str, Any]], row: dict[str, Any]) -> float | None:
-    """Feed a transcript's assistant turns to a fresh env; it must answer as the transcript."""
-    env = make_environment(name, {})
-    first = env.reset(row)
-    assert transcript[: len(first)] == first
-    i, turn_index, done = len(first), 0, False
-    while i < len(transcript):
-        assert not done and transcript[i]["role"] == "assistant"
-        turn = _calls(transcript[i]["content"])
-        result = env.step(Turn(turn.text, turn.tool_calls, turn.parse_errors, turn_index))
-        assert not turn.parse_errors and set(result.tool_outcomes) <= {"ok"}
-        j = i + 1
-        while j < len(transcript) and transcript[j]["role"] != "assistant":
-            j += 1
-        assert result.messages == transcript[i + 1 : j]
-        i, turn_index, done = j, turn_index + 1, result.done
-    assert done
-    return env.final_reward()
-
-
 @pytest.mark.parametrize("name", sorted(GENERATORS))
 def test_sft_transcripts_replay_to_full_reward(name: str, sandbox_layers) -> None:
     if name == "code_feedback" and sys.platform != "linux":
@@ -418,56 +388,6 @@ def test_calculator_transcript_uses_hermes_tool_calls() -> None:
         {"role": "tool", "name": "multiply", "content": "299114"},
         {"role": "assistant", "content": "299114"},
     ]]  # fmt: skip
-
-
-def test_calculate_evaluates_integer_expressions_and_refuses_the_rest() -> None:
-    import random
-
-    rng = random.Random(0)
-    for _ in range(300):  # random expressions of + - * and parentheses, against Python's eval
-        expr = str(rng.randint(-999, 999))
-        for _ in range(rng.randint(1, 4)):
-            expr = f"{expr} {rng.choice('+-*')} {rng.randint(0, 999)}"
-            expr = f"({expr})" if rng.random() < 0.3 else expr
-        assert calculate(expr) == eval(expr), expr
-    for bad in ["2 ** 10", "7 / 2", "x + 1", "1.5 * 2", "", "__import__('os')", "1" * 201]:
-        with pytest.raises(ValueError):
-            calculate(bad)
-    env = make_environment("calculator_expression", {})
-    env.reset({"prompt": "What is 421 * 624?", "answer": "262704"})
-    call = '<tool_call>{"name": "calculate", "arguments": {"expression": "2 ** 99"}}</tool_call>'
-    result = env.step(_calls(call))
-    assert result.tool_outcomes == ["error"] and not result.done
-    assert "not an integer expression" in result.messages[0]["content"]
-
-
-def test_calculator_expression_tasks_are_6_digit_products_in_calculators_splits() -> None:
-    from posttrain.envs.tasks import split_of
-
-    assert environment_class("calculator_expression").make_rows is calculator.make_product_rows
-    for split in ("train", "test"):
-        rows = calculator.make_product_rows(300, 3, split)
-        assert len({r["prompt"] for r in rows}) == 300
-        assert rows == calculator.make_product_rows(300, 3, split)
-        for row in rows:
-            a, op, b = row["prompt"].removeprefix("What is ").removesuffix("?").split()
-            assert op == "*" and 100 <= int(a) <= 999 and 100 <= int(b) <= 999
-            assert row["answer"] == str(int(a) * int(b)) and len(row["answer"]) == 6
-            assert split_of(f"calculator:{a}*{b}", calculator.TEST_FRACTION) == split
-
-
-def test_calculator_expression_transcripts_copy_the_question_and_replay() -> None:
-    rows = calculator.make_product_rows(30, 0, "train") + calculator.make_rows(20, 0, "test")
-    transcripts = CalculatorExpressionEnv.sft_transcripts(rows)
-    for row, transcript in zip(rows, transcripts, strict=True):
-        span = row["prompt"].removeprefix("What is ").removesuffix("?")
-        call = {"name": "calculate", "arguments": {"expression": span}}
-        assert transcript[1]["content"] == tool_call_text("calculate", call["arguments"])
-        assert transcript[2] == {"role": "tool", "name": "calculate", "content": row["answer"]}
-        assert _replay("calculator_expression", transcript, row) == 1.0
-    assert [s["function"]["name"] for s in CalculatorExpressionEnv().schemas()] == ["calculate"]
-    direct = CalculatorExpressionEnv.sft_transcripts(rows, direct_fraction=1.0)
-    assert direct == calculator.sft_transcripts(rows, direct_fraction=1.0)  # no call to differ
 
 
 def test_calculator_direct_fraction_answers_that_share_without_the_tool(tmp_path) -> None:

@@ -1,0 +1,60 @@
+"""The `calculator_expression` environment: its `calculate` tool, its product tasks and its SFT
+transcripts replayed through it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from posttrain.envs import calculator, environment_class, make_environment
+from posttrain.envs.calculator import CalculatorExpressionEnv, calculate
+from posttrain.envs.tasks import split_of
+from posttrain.envs.tools import tool_call_text
+from tests.env_play import calls, replay
+
+
+def test_calculate_evaluates_integer_expressions_and_refuses_the_rest() -> None:
+    rng = random.Random(0)
+    for _ in range(300):  # random expressions of + - * and parentheses, against Python's eval
+        expr = str(rng.randint(-999, 999))
+        for _ in range(rng.randint(1, 4)):
+            expr = f"{expr} {rng.choice('+-*')} {rng.randint(0, 999)}"
+            expr = f"({expr})" if rng.random() < 0.3 else expr
+        assert calculate(expr) == eval(expr), expr
+    for bad in ["2 ** 10", "7 / 2", "x + 1", "1.5 * 2", "", "__import__('os')", "1" * 201]:
+        with pytest.raises(ValueError):
+            calculate(bad)
+    env = make_environment("calculator_expression", {})
+    env.reset({"prompt": "What is 421 * 624?", "answer": "262704"})
+    call = '<tool_call>{"name": "calculate", "arguments": {"expression": "2 ** 99"}}</tool_call>'
+    result = env.step(calls(call))
+    assert result.tool_outcomes == ["error"] and not result.done
+    assert "not an integer expression" in result.messages[0]["content"]
+
+
+def test_calculator_expression_tasks_are_6_digit_products_in_calculators_splits() -> None:
+    assert environment_class("calculator_expression").make_rows is calculator.make_product_rows
+    for split in ("train", "test"):
+        rows = calculator.make_product_rows(300, 3, split)
+        assert len({r["prompt"] for r in rows}) == 300
+        assert rows == calculator.make_product_rows(300, 3, split)
+        for row in rows:
+            a, op, b = row["prompt"].removeprefix("What is ").removesuffix("?").split()
+            assert op == "*" and 100 <= int(a) <= 999 and 100 <= int(b) <= 999
+            assert row["answer"] == str(int(a) * int(b)) and len(row["answer"]) == 6
+            assert split_of(f"calculator:{a}*{b}", calculator.TEST_FRACTION) == split
+
+
+def test_calculator_expression_transcripts_copy_the_question_and_replay() -> None:
+    rows = calculator.make_product_rows(30, 0, "train") + calculator.make_rows(20, 0, "test")
+    transcripts = CalculatorExpressionEnv.sft_transcripts(rows)
+    for row, transcript in zip(rows, transcripts, strict=True):
+        span = row["prompt"].removeprefix("What is ").removesuffix("?")
+        call = {"name": "calculate", "arguments": {"expression": span}}
+        assert transcript[1]["content"] == tool_call_text("calculate", call["arguments"])
+        assert transcript[2] == {"role": "tool", "name": "calculate", "content": row["answer"]}
+        assert replay("calculator_expression", transcript, row) == 1.0
+    assert [s["function"]["name"] for s in CalculatorExpressionEnv().schemas()] == ["calculate"]
+    direct = CalculatorExpressionEnv.sft_transcripts(rows, direct_fraction=1.0)
+    assert direct == calculator.sft_transcripts(rows, direct_fraction=1.0)  # no call to differ
