@@ -145,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=_eval)
     m = sub.add_parser("make-tiny", help="write the built-in tiny Qwen2 model + tokenizer")
     m.add_argument("out")
-    m.add_argument("--size", default="tiny", choices=["tiny", "bench"])
+    m.add_argument("--size", default="tiny", choices=["tiny", "tiny_untied", "bench"])
     m.add_argument("--seed", type=int, default=0)
     m.add_argument(
         "--vlm", action="store_true", help="a tiny LLaVA model + processor (--size is ignored)"

@@ -457,7 +457,8 @@ class Trainer:
                 bar.set_postfix(_postfix(metrics), refresh=False)
             if loss_below(self.history, self.cfg.train.stop_loss):  # SFT: learned enough
                 if dist.is_main():
-                    print(f"[posttrain] loss < train.stop_loss at step {self.step}", flush=True)
+                    line = f"10-step mean loss < {self.cfg.train.stop_loss} at step {self.step}"
+                    print(f"[posttrain] {line}: done", flush=True)
                 return True
 
     def _preempted(self, abandoned: bool) -> None:

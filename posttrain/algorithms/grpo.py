@@ -142,10 +142,16 @@ class GRPO(OnlineAlgorithm):
         return adv.reshape(P * G, -1), turns
 
     def _add_old_and_ref(self, t: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
-        """Fill logp_old / entropy_old (current policy) and logp_ref, without grad."""
+        """Fill logp_old / entropy_old (current policy) where the loss or EMPG needs them, and
+        logp_ref, without grad. With one update per batch and no EMPG the policy pass is skipped:
+        the loss's detached current log-probs are then exactly the step-start ones."""
         cfg = self.cfg
         size = cfg.train.micro_batch_size_per_device
-        t.update(policy_token_stats(model, t, cfg.rollout.temperature, size, self.ref_model))
+        need_old = self.recompute_old or bool(cfg.advantage.entropy_modulation)
+        stats = policy_token_stats(
+            model, t, cfg.rollout.temperature, size, self.ref_model, policy=need_old
+        )
+        t.update(stats)
 
     def _add_hinted_old(
         self, t: dict[str, torch.Tensor], seqs: list[Sample], model: torch.nn.Module

@@ -37,7 +37,8 @@ class LoRAConfig:
 class ModelConfig:
     """Which model to train.
 
-    `path: tiny` builds the built-in tiny Qwen2 model offline into `<output_dir>/tiny-model`,
+    `path: tiny` builds the built-in tiny Qwen2 model offline into `<output_dir>/tiny-model`
+    (`tiny_size`: `tiny`, `tiny_untied` with an output head of its own, or `bench`),
     `path: tiny-vlm` the tiny LLaVA into `<output_dir>/tiny-vlm`. `freeze_vision`: a
     vision-language model's vision tower does not train (requires_grad False).
     """
@@ -488,7 +489,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.wrong_answers": ("plausible", "uniform", "mixed"),
-    "model.tiny_size": ("tiny", "bench"),
+    "model.tiny_size": ("tiny", "tiny_untied", "bench"),
     "rollout.engine": ("vllm", "hf", "server"),
     "rollout.server_weight_transfer": ("file", "nccl"),
     "advantage.estimator": advantages.ESTIMATORS,

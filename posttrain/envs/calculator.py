@@ -5,7 +5,9 @@ expression).
 A row is `{"prompt": "What is 347 * 862?", "answer": "299114"}`; the episode's first message is the
 question. The model calls the tools (hermes-format tool calls), then answers without a tool call;
 the final answer is the last integer of that turn, and the reward is 1.0 when it equals the
-answer, else 0.0 (also 0.0 when the episode ended before a final answer).
+answer, else 0.0 (also 0.0 when the episode ended before a final answer). With `partial_credit: w`
+a wrong answer earns w times the fraction of its digits that match the answer's, position by
+position (`digit_credit`); success (`solved`) stays the exact answer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "CalculatorExpressionEnv",
     "add",
     "calculate",
+    "digit_credit",
     "expression_transcripts",
     "make_product_rows",
     "make_rows",
@@ -91,6 +94,19 @@ def calculate(expression: str) -> int:
     except SyntaxError as e:
         raise ValueError(f"not an integer expression of +, - and *: {expression!r}") from e
     return value(tree.body)
+
+
+def digit_credit(given: int | None, answer: int) -> float:
+    """Fraction of digit positions where `given` matches `answer`, written out left to right,
+    over the longer of the two (a missing answer or another sign: 0.0).
+
+    >>> digit_credit(932222, 931221)
+    0.6666666666666666
+    """
+    if given is None or (given < 0) != (answer < 0):
+        return 0.0
+    g, a = str(abs(given)), str(abs(answer))
+    return sum(x == y for x, y in zip(g, a, strict=False)) / max(len(g), len(a))
 
 
 def _question(a: int, op: str, b: int) -> str:
@@ -259,16 +275,47 @@ class CalculatorEnv(ToolEnv):
     make_rows = staticmethod(make_rows)
     sft_transcripts = staticmethod(sft_transcripts)
 
+    def __init__(
+        self,
+        partial_credit: float = 0.0,
+        *,
+        tool_timeout_s: float = 10.0,
+        tool_output_chars: int = 2000,
+    ) -> None:
+        """Set the wrong answers' credit and the tool limits.
+
+        Args:
+            partial_credit: w in [0, 1): a wrong answer's reward is w * `digit_credit` (0: none).
+            tool_timeout_s: wall-clock limit of one tool call (`ToolEnv`).
+            tool_output_chars: cap on one observation's text (`ToolEnv`).
+
+        Raises:
+            ConfigError: partial_credit outside [0, 1), or a limit that is not positive.
+        """
+        if not 0.0 <= partial_credit < 1.0:
+            raise ConfigError(f"env.kwargs.partial_credit={partial_credit!r}: use 0 <= w < 1")
+        super().__init__(tool_timeout_s=tool_timeout_s, tool_output_chars=tool_output_chars)
+        self.partial_credit = float(partial_credit)
+
+    @property
+    def solved(self) -> bool:
+        """The exact answer was given (success, whatever the partial credit)."""
+        return self.final_text is not None and last_integer(self.final_text) == self.answer
+
     def reset(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         """Start from a row with `prompt` and `answer`; the first message is the question."""
         self.answer = int(row["answer"])
         return [{"role": "user", "content": str(row["prompt"])}]
 
     def final_reward(self) -> float:
-        """1.0 when the final answer's last integer equals the answer, else 0.0."""
+        """1.0 when the final answer's last integer equals the answer, else `partial_credit`
+        times its `digit_credit` (0.0 without a final answer)."""
         if self.final_text is None:
             return 0.0
-        return 1.0 if last_integer(self.final_text) == self.answer else 0.0
+        given = last_integer(self.final_text)
+        if given == self.answer:
+            return 1.0
+        return self.partial_credit * digit_credit(given, self.answer)
 
 
 class CalculatorExpressionEnv(CalculatorEnv):

@@ -26,6 +26,7 @@ def policy_token_stats(
     temperature: float,
     micro_size: int,
     ref_model: Any | None = None,
+    policy: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Per-token log-probs and entropies of the current policy (and the reference), without grad.
 
@@ -38,26 +39,29 @@ def policy_token_stats(
             no [rows, L, V] logits, chunked log-probs from the last hidden state.
         micro_size: rows per forward pass.
         ref_model: frozen reference model, or None.
+        policy: run the policy (False: the reference only, e.g. a KL term with one update per
+            batch, where the loss's detached current log-probs are the old ones).
 
     Returns:
-        `logp_old`, `entropy_old` (and `logp_ref` with a reference): [N, L-1] float32 on the CPU,
-        aligned with the next-token targets `input_ids[:, 1:]`.
+        `logp_old`, `entropy_old` (with `policy`) and `logp_ref` (with a reference): [N, L-1]
+        float32 on the CPU, aligned with the next-token targets `input_ids[:, 1:]`.
     """
     device = dist.device()
     olds, ents, refs = [], [], []
     for idx in chunk_indices(t["input_ids"].shape[0], micro_size):
         ids, att = t["input_ids"][idx].to(device), t["attention_mask"][idx].to(device)
         images = {k: v.to(device) for k, v in image_model_inputs(rows_of(t, idx)).items()}
-        with lean_forward(model):
-            out = model(input_ids=ids, attention_mask=att, **images)
-        logp, entropy = output_token_stats(out, ids, temperature, entropy="metric")
-        olds.append(logp.cpu())
-        ents.append(entropy.cpu())
+        if policy:
+            with lean_forward(model):
+                out = model(input_ids=ids, attention_mask=att, **images)
+            logp, entropy = output_token_stats(out, ids, temperature, entropy="metric")
+            olds.append(logp.cpu())
+            ents.append(entropy.cpu())
         if ref_model is not None:
             with lean_forward(ref_model):
                 ref_out = ref_model(input_ids=ids, attention_mask=att, **images)
             refs.append(output_token_stats(ref_out, ids, temperature)[0].cpu())
-    out = {"logp_old": torch.cat(olds), "entropy_old": torch.cat(ents)}
+    out = {"logp_old": torch.cat(olds), "entropy_old": torch.cat(ents)} if policy else {}
     if refs:
         out["logp_ref"] = torch.cat(refs)
     return out

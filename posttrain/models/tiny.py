@@ -37,7 +37,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-TINY_SIZES: dict[str, dict[str, int]] = {
+TINY_SIZES: dict[str, dict[str, int | bool]] = {
     "tiny": {
         "hidden_size": 128,
         "num_hidden_layers": 4,
@@ -55,6 +55,9 @@ TINY_SIZES: dict[str, dict[str, int]] = {
         "max_position_embeddings": 2048,
     },
 }
+# "tiny" with separate input and output embeddings: with tied ones a digit-copy task can merge two
+# digits' shared vector early (while the model only learns digit frequencies) and never split it.
+TINY_SIZES["tiny_untied"] = {**TINY_SIZES["tiny"], "tie_word_embeddings": False}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -111,7 +114,9 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     Args:
         out_dir: directory to create (or overwrite); holds config.json, model.safetensors,
             generation_config.json, tokenizer.json and tokenizer_config.json afterwards.
-        size: "tiny" (hidden 128, 4 layers, ~0.8M params) or "bench" (hidden 512, 8 layers, ~23.6M).
+        size: "tiny" (hidden 128, 4 layers, ~0.8M params), "tiny_untied" (the same with an
+            output head of its own instead of the tied embedding) or "bench" (hidden 512, 8
+            layers, ~23.6M).
         seed: torch seed for the weight initialisation (same seed -> identical weights).
 
     Returns:
@@ -126,14 +131,14 @@ def make_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     tokenizer = build_tokenizer()
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    shape = {"tie_word_embeddings": True, **TINY_SIZES[size]}
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         use_cache=True,
-        **TINY_SIZES[size],
+        **shape,
     )
     cpu_rng = torch.random.get_rng_state()
     try:

@@ -104,11 +104,13 @@ def test_make_tiny_is_seeded(tmp_path, tiny_model_dir):
     )
 
 
-@pytest.mark.parametrize(("size", "expected"), [("tiny", 0.80e6), ("bench", 23.6e6)])
+@pytest.mark.parametrize(
+    ("size", "expected"), [("tiny", 0.80e6), ("tiny_untied", 0.80e6 + 100 * 128), ("bench", 23.6e6)]
+)
 def test_size_presets(size, expected):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=100, tie_word_embeddings=True, **TINY_SIZES[size])
+    config = Qwen2Config(vocab_size=100, **{"tie_word_embeddings": True, **TINY_SIZES[size]})
     assert config.hidden_size // config.num_attention_heads >= 32  # vLLM CPU attention needs it
     with torch.device("meta"):
         n = sum(p.numel() for p in Qwen2ForCausalLM(config).parameters())

@@ -11,6 +11,7 @@ from posttrain.envs import calculator, environment_class, make_environment
 from posttrain.envs.calculator import CalculatorExpressionEnv, calculate
 from posttrain.envs.tasks import split_of
 from posttrain.envs.tools import tool_call_text
+from posttrain.errors import ConfigError
 from tests.env_play import calls, replay
 
 
@@ -58,3 +59,39 @@ def test_calculator_expression_transcripts_copy_the_question_and_replay() -> Non
     assert [s["function"]["name"] for s in CalculatorExpressionEnv().schemas()] == ["calculate"]
     direct = CalculatorExpressionEnv.sft_transcripts(rows, direct_fraction=1.0)
     assert direct == calculator.sft_transcripts(rows, direct_fraction=1.0)  # no call to differ
+
+
+def test_digit_credit_counts_matching_positions() -> None:
+    rng = random.Random(1)
+    for _ in range(500):  # against a straight loop over the written digits
+        answer = rng.randint(100000, 999999)
+        given = int(
+            "".join(c if rng.random() < 0.6 else str(rng.randint(0, 9)) for c in str(answer))
+        )
+        given = given if rng.random() < 0.8 else given * 10 + rng.randint(0, 9)  # one digit longer
+        g, a = str(given), str(answer)
+        same = 0
+        for k in range(min(len(g), len(a))):
+            same += g[k] == a[k]
+        assert calculator.digit_credit(given, answer) == same / max(len(g), len(a))
+    assert calculator.digit_credit(931221, 931221) == 1.0
+    assert calculator.digit_credit(932222, 931221) == 4 / 6
+    assert calculator.digit_credit(None, 12) == calculator.digit_credit(-12, 12) == 0.0
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_partial_credit_rewards_a_wrong_answers_digits_but_success_stays_exact(weight) -> None:
+    from posttrain.envs.base import episode_solved
+
+    row = {"prompt": "What is 421 * 624?", "answer": "262704"}
+    for final, credit in [("262704", 1.0), ("The answer is 262714", 5 / 6), ("2627", 4 / 6)]:
+        env = make_environment("calculator_expression", {"partial_credit": weight})
+        env.reset(row)
+        env.step(calls(final))
+        reward = env.final_reward()
+        exact = credit == 1.0
+        assert reward == (1.0 if exact else weight * credit)
+        assert episode_solved(env, reward) is exact
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="partial_credit"):
+            make_environment("calculator_expression", {"partial_credit": bad})

@@ -489,9 +489,9 @@ def test_episode_solved_reads_the_environments_solved_else_a_full_reward() -> No
     lost.reset({"prompt": "Guess my number from 1 to 16.", "secret": 3, "high": 16})
     lost.step(Turn("8", (), ()))
     assert episode_solved(lost, lost.final_reward()) is False
-    calc = CalculatorEnv()  # no `solved`: a full reward is success
-    assert episode_solved(calc, 1.0) is True and episode_solved(calc, 0.5) is False
-    assert episode_solved(calc, None) is None  # masked
+    plain = object()  # no `solved`: a full reward is success
+    assert episode_solved(plain, 1.0) is True and episode_solved(plain, 0.5) is False
+    assert episode_solved(plain, None) is None  # masked
 
 
 def test_the_readme_environment_plays_a_countdown() -> None:

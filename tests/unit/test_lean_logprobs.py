@@ -303,3 +303,29 @@ def test_lora_policy_matches(tiny_model_dir):
     assert lora_grads
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_reference_only_pass_gives_the_same_kl_loss(models):
+    """KL with one update per batch: GRPO runs the reference alone (`policy=False`); the loss then
+    divides by its detached current log-probs, which equal a separate step-start pass."""
+    from posttrain.algorithms.grpo import clipped_policy_loss
+    from posttrain.models.forward import policy_token_stats
+
+    full = models[0]
+    cfg = load_config(None, ["rollout.temperature=0.8", "kl.coef=0.1", "loss.clip_high=0.28"])
+    mb = {k: v for k, v in _grpo_micro_batch(b=4, width=10, seed=2).items() if "old" not in k}
+    del mb["logp_ref"]  # both come from the passes below
+    both = policy_token_stats(full, mb, 0.8, 3, ref_model=models[1])
+    ref_only = policy_token_stats(full, mb, 0.8, 3, ref_model=models[1], policy=False)
+    assert ref_only.keys() == {"logp_ref"}
+    torch.testing.assert_close(ref_only["logp_ref"], both["logp_ref"], atol=0, rtol=0)
+    kw = {"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]}
+    runs = [
+        _loss_and_grads(
+            full, lambda m, s=s: clipped_policy_loss(cfg, m(**kw), {**mb, **s}, 20.0, 20.0, 0.1)[0]
+        )
+        for s in (both, ref_only)
+    ]
+    torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-6, rtol=0)
+    for k in runs[0][1]:
+        torch.testing.assert_close(runs[1][1][k], runs[0][1][k], atol=1e-6, rtol=1e-5, msg=k)
