@@ -48,7 +48,9 @@ class GRPO(OnlineAlgorithm):
 
     def __init__(self, cfg: Config, source: SampleSource, ref_model: Any | None) -> None:
         super().__init__(cfg, source, ref_model)
-        self.recompute_old = cfg.train.updates_per_batch > 1
+        # step-start policy log-probs / entropies: the loss needs them with several updates per
+        # batch (else its detached current ones are the same), EMPG needs the entropies
+        self.needs_old = cfg.train.updates_per_batch > 1 or bool(cfg.advantage.entropy_modulation)
 
     # --------------------------------------------------------------- batch
     def make_batch(self, step: int, model: torch.nn.Module) -> StepBatch:
@@ -89,7 +91,7 @@ class GRPO(OnlineAlgorithm):
         token_total = max(dist.all_reduce_sum(float(t["mask"].sum())), 1.0)
         seq_total = max(dist.all_reduce_sum(float(t["mask"].any(-1).sum())), 1.0)
         t0 = time.perf_counter()
-        if self.recompute_old or cfg.kl.coef > 0 or cfg.advantage.entropy_modulation:
+        if self.needs_old or cfg.kl.coef > 0:
             with phase_trace.span("logprob"):  # POSTTRAIN_PHASE_TRACE (opt-in)
                 self._add_old_and_ref(t, model)
         if any(s.hint_prompt_ids is not None for s in flat):  # Guide (same on every rank)
@@ -142,14 +144,13 @@ class GRPO(OnlineAlgorithm):
         return adv.reshape(P * G, -1), turns
 
     def _add_old_and_ref(self, t: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
-        """Fill logp_old / entropy_old (current policy) where the loss or EMPG needs them, and
-        logp_ref, without grad. With one update per batch and no EMPG the policy pass is skipped:
-        the loss's detached current log-probs are then exactly the step-start ones."""
+        """Fill logp_old / entropy_old (current policy) where `needs_old`, and logp_ref, without
+        grad. With one update per batch and no EMPG the policy pass is skipped: the loss's
+        detached current log-probs are then exactly the step-start ones."""
         cfg = self.cfg
         size = cfg.train.micro_batch_size_per_device
-        need_old = self.recompute_old or bool(cfg.advantage.entropy_modulation)
         stats = policy_token_stats(
-            model, t, cfg.rollout.temperature, size, self.ref_model, policy=need_old
+            model, t, cfg.rollout.temperature, size, self.ref_model, policy=self.needs_old
         )
         t.update(stats)
 

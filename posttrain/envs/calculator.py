@@ -312,10 +312,9 @@ class CalculatorEnv(ToolEnv):
         times its `digit_credit` (0.0 without a final answer)."""
         if self.final_text is None:
             return 0.0
-        given = last_integer(self.final_text)
-        if given == self.answer:
+        if self.solved:
             return 1.0
-        return self.partial_credit * digit_credit(given, self.answer)
+        return self.partial_credit * digit_credit(last_integer(self.final_text), self.answer)
 
 
 class CalculatorExpressionEnv(CalculatorEnv):
