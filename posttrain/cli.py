@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         # directory is named once the config is loaded
         route_third_party(None)
     try:
-        return int(args.fn(args))
+        code = int(args.fn(args))
     except (ConfigError, StorageError) as err:  # StorageError: e.g. the disk is full
         _say(f"posttrain: error: {err}")
         return 2
@@ -229,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     except NumericalError as err:  # stopped on non-finite steps, with a resumable checkpoint
         _say(f"posttrain: training stopped: {err}")
         return 1
+    if code == 0 and "torch.distributed" in sys.modules:  # torchrun ranks: tear gloo down now
+        from posttrain.runtime.distributed import shutdown
+
+        shutdown()
+    return code
 
 
 if __name__ == "__main__":

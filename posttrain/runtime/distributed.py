@@ -92,6 +92,19 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
+def shutdown() -> None:
+    """Destroy torch.distributed's process groups once a run has finished on this rank.
+
+    Call it only after a run that ended well: a rank that failed may leave another one inside a
+    collective, where tearing down can hang. Without it, gloo's worker threads can still hold
+    work items (with tensors) when the interpreter shuts down, and freeing them then aborts the
+    process now and then ("terminate called without an active exception", exit -6) although
+    the run itself succeeded.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def rank() -> int:
     """This process's global rank (0 when not distributed)."""
     if torch.distributed.is_initialized():
