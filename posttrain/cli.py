@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"posttrain: training stopped: {err}")
         return 1
     if code == 0 and "torch.distributed" in sys.modules:  # torchrun ranks: tear gloo down now
+        if "posttrain.rollout.vllm_local" in sys.modules:  # engines first: they own groups too
+            from posttrain.rollout.vllm_local import close_live_engines
+
+            close_live_engines()
         from posttrain.runtime.distributed import shutdown
 
         shutdown()

@@ -20,6 +20,7 @@ from posttrain.data.chat import encode_prompts
 from posttrain.data.tensors import pad_right
 from posttrain.models.forward import policy_token_stats
 from posttrain.rollout.engine import SamplingConfig
+from posttrain.rollout.vllm_local import close_live_engines
 from posttrain.runtime import distributed as dist
 from posttrain.trainer import Trainer
 
@@ -77,6 +78,8 @@ def main(out_dir: str, overrides: list[str]) -> None:
     rows[-1]["eval"] = trainer.algorithm.evaluate(trainer.step)
     path = Path(out_dir) / f"rank{dist.rank()}.json"
     path.write_text(json.dumps(rows, indent=1))
+    close_live_engines()
+    dist.shutdown()
 
 
 if __name__ == "__main__":
