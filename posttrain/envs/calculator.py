@@ -2,12 +2,13 @@
 (`calculator_expression`: products with 6-digit results, by calling `calculate` on the question's
 expression).
 
-A row is `{"prompt": "What is 347 * 862?", "answer": "299114"}`; the episode's first message is the
-question. The model calls the tools (hermes-format tool calls), then answers without a tool call;
-the final answer is the last integer of that turn, and the reward is 1.0 when it equals the
-answer, else 0.0 (also 0.0 when the episode ended before a final answer). With `partial_credit: w`
-a wrong answer earns w times the fraction of its digits that match the answer's, position by
-position (`digit_credit`); success (`solved`) stays the exact answer.
+A row is `{"prompt": "What is 347 * 862?", "answer": "299114"}` (`calculator_expression`: "What is
+(347 * 862)?"); the episode's first message is the question. The model calls the tools
+(hermes-format tool calls), then answers without a tool call; the final answer is the last
+integer of that turn, and the reward is 1.0 when it equals the answer, else 0.0 (also 0.0 when
+the episode ended before a final answer). With `partial_credit: w` a wrong answer earns w times
+the fraction of its digits that match the answer's, position by position (`digit_credit`);
+success (`solved`) stays the exact answer.
 """
 
 from __future__ import annotations
@@ -109,8 +110,14 @@ def digit_credit(given: int | None, answer: int) -> float:
     return sum(x == y for x, y in zip(g, a, strict=False)) / max(len(g), len(a))
 
 
-def _question(a: int, op: str, b: int) -> str:
-    return f"What is {a} {op} {b}?"
+def _question(a: int, op: str, b: int, parens: bool = False) -> str:
+    expression = f"{a} {op} {b}"
+    return f"What is ({expression})?" if parens else f"What is {expression}?"
+
+
+def _expression(question: str) -> str:
+    """The expression of a generated question, as written ("421 * 624" or "(421 * 624)")."""
+    return question.removeprefix("What is ").removesuffix("?")
 
 
 def make_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
@@ -135,13 +142,18 @@ def make_product_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[
 
     One result length puts every digit the model copies (question -> call, tool result ->
     answer) at one fixed distance from where it is written, which a small model learns as one
-    positional copy; a task keeps the split it has in `make_rows`.
+    positional copy. The expression is in parentheses, "What is (347 * 862)?", and the call
+    copies it with them: its first digit then follows a "(" as in the question, so the model
+    copies it like the later digits (the one after the same token back in the question), where
+    without them it has no copied digit before it and needs an attention ~70 tokens back of its
+    own (the digit a warm-up got wrong most). A task keeps the split it has in `make_rows`.
     """
     return _rows(n, seed, split, "*", 100_000)
 
 
 def _rows(n: int, seed: int, split: str, ops: str, min_result: int) -> list[dict[str, Any]]:
-    """`n` distinct tasks with an operator from `ops` and a result >= `min_result`."""
+    """`n` distinct tasks with an operator from `ops` and a result >= `min_result` (products:
+    the expression in parentheses)."""
     check_split("calculator", split, n)
     if n > 100_000:
         raise ConfigError(f"calculator: n={n} is too many; use n <= 100000")
@@ -157,24 +169,26 @@ def _rows(n: int, seed: int, split: str, ops: str, min_result: int) -> list[dict
         if split_of(f"calculator:{key}", TEST_FRACTION) != split:
             continue
         seen.add(key)
-        rows.append({"prompt": _question(a, op, b), "answer": str(result)})
+        question = _question(a, op, b, parens=min_result > 0)
+        rows.append({"prompt": question, "answer": str(result)})
     return rows
 
 
 def _parse(question: str) -> tuple[int, str, int]:
     """(a, op, b) of a generated question."""
-    a, op, b = question.removeprefix("What is ").removesuffix("?").split(" ")
+    a, op, b = _expression(question).strip("()").split(" ")
     return int(a), op, int(b)
 
 
-def _op_call(a: int, op: str, b: int) -> tuple[str, dict[str, Any]]:
-    """`add` / `multiply` with the two operands."""
+def _op_call(question: str) -> tuple[str, dict[str, Any]]:
+    """`add` / `multiply` with the question's two operands."""
+    a, op, b = _parse(question)
     return _OPS[op], {"a": a, "b": b}
 
 
-def _expression_call(a: int, op: str, b: int) -> tuple[str, dict[str, Any]]:
-    """`calculate` with the question's expression, copied as one span."""
-    return "calculate", {"expression": f"{a} {op} {b}"}
+def _expression_call(question: str) -> tuple[str, dict[str, Any]]:
+    """`calculate` with the question's expression, copied as one span (parentheses included)."""
+    return "calculate", {"expression": _expression(question)}
 
 
 def sft_transcripts(
@@ -229,11 +243,11 @@ def expression_transcripts(
 
 def _transcripts(
     rows: list[dict[str, Any]],
-    call: Callable[[int, str, int], tuple[str, dict[str, Any]]],
+    call: Callable[[str], tuple[str, dict[str, Any]]],
     direct_fraction: float,
     direct_ops: str,
 ) -> list[list[dict[str, Any]]]:
-    """The transcripts of `rows`, each tool call made by `call(a, op, b) -> (name, arguments)`."""
+    """The transcripts of `rows`, each tool call made by `call(question) -> (name, arguments)`."""
     if not 0.0 <= direct_fraction <= 1.0:
         raise ConfigError(
             f"env.transcript_kwargs.direct_fraction={direct_fraction} is not valid; use 0..1"
@@ -246,7 +260,7 @@ def _transcripts(
     out = []
     for row in rows:
         a, op, b = _parse(row["prompt"])
-        name, arguments = call(a, op, b)
+        name, arguments = call(row["prompt"])
         result = str(add(a, b) if op == "+" else multiply(a, b))
         direct = split_of(f"calculator-direct:{row['prompt']}", direct_fraction) == "test"
         if direct and op in direct_ops:

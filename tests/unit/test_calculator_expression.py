@@ -41,7 +41,8 @@ def test_calculator_expression_tasks_are_6_digit_products_in_calculators_splits(
         assert len({r["prompt"] for r in rows}) == 300
         assert rows == calculator.make_product_rows(300, 3, split)
         for row in rows:
-            a, op, b = row["prompt"].removeprefix("What is ").removesuffix("?").split()
+            assert row["prompt"].startswith("What is (") and row["prompt"].endswith(")?")
+            a, op, b = row["prompt"].removeprefix("What is (").removesuffix(")?").split()
             assert op == "*" and 100 <= int(a) <= 999 and 100 <= int(b) <= 999
             assert row["answer"] == str(int(a) * int(b)) and len(row["answer"]) == 6
             assert split_of(f"calculator:{a}*{b}", calculator.TEST_FRACTION) == split
