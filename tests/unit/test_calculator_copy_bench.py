@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,18 +12,12 @@ import torch
 
 from posttrain.envs.calculator import calculate, expression_transcripts, make_product_rows
 from posttrain.models import make_tiny
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.bench_import import import_benchmarks
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))  # benchmarks/ is scripts, not a package
-    try:
-        import calculator_copy
-    finally:
-        sys.path.remove(str(BENCH))
-    return calculator_copy
+    return import_benchmarks("calculator_copy")[0]
 
 
 def test_span_starts_finds_both_copies(bench) -> None:

@@ -3,24 +3,17 @@ counted by hand."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 from posttrain.models import make_tiny
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.bench_import import import_benchmarks
 
 
 @pytest.fixture(scope="module")
 def role_tokens():
-    sys.path.insert(0, str(BENCH))  # benchmarks/ is scripts, not a package
-    try:
-        import episode_step
-        import role_tokens as mod
-    finally:
-        sys.path.remove(str(BENCH))
+    episode_step, mod = import_benchmarks("episode_step", "role_tokens")
     assert episode_step.OBSERVATION == "ok"  # the observation the hand counts below are for
     return mod
 
