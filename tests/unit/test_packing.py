@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from posttrain.data.packing import (
     length_order,
     pack_bins,
     packed_rows,
+    span_mask,
 )
 from posttrain.errors import ConfigError
 
@@ -178,6 +181,17 @@ def test_encode_messages_masks_every_assistant_turn(tok):
     trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
     assert trained == "2<|im_end|>4<|im_end|>"
     assert len(ids) == len(mask)
+
+
+def test_span_mask_equals_a_scan_of_every_span():
+    rng = random.Random(0)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(60), 2 * rng.randint(0, 4)))  # sorted, disjoint spans
+        spans = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts), 2)]
+        starts = sorted(rng.sample(range(70), rng.randint(0, 40)))
+        expected = [int(any(a <= s < b for a, b in spans)) for s in starts]
+        assert span_mask(starts, spans) == expected
+    assert span_mask([0, 3, 5, 9], [(3, 3), (3, 6)]) == [0, 1, 1, 0]  # an empty span first
 
 
 def test_single_turn_conversation_matches_prompt_completion(tok):
