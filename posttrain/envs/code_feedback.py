@@ -1,125 +1,167 @@
 """`code_feedback`: write a small Python function, see the failing tests, revise.
 
-A row is `{"prompt": "Write def add(a, b): return a + b.", "entry": "add", "tests": [asserts...]}`.
+A task is a function family and a 2-digit constant K, e.g. "Write a Python function plus(n)
+that returns n + 37." with asserts computed from the family's formula (`assert plus(5) == 42`).
 Each assistant turn is an attempt (its last ```python block, see `rewards.code.extract_code`);
 the environment runs the row's asserts on it in the sandbox (rewards/sandbox.py) and answers with
-one user message: "all N tests passed", or "k/N tests passed" and one line per failing assert
-with its reason. The episode ends when all pass or after `max_attempts` attempts; the final
-reward is the fraction of tests the last attempt passed. A sandbox failure (not the program's
-fault) raises RuntimeError rather than scoring the attempt.
+one user message: "all N tests passed", or "k/N tests passed" and one line per failing test
+(`failed: plus(5) == 42`, with the reason in parentheses when it is not a plain failed assert).
+The episode ends when all pass or after `max_attempts` attempts; the final reward is the fraction
+of tests the last attempt passed (partial credit: `above(n)` with a wrong constant passes some).
+
+Held-out tasks are (family, K) pairs never trained on: every family and every digit occurs in
+both splits, so a model that learned to carry the constant from the task into its code can solve
+them (the tiny character-level model cannot write a function it never saw, so a split by
+function would leave nothing to learn). The SFT transcripts can include a share of revisions
+(`revise_fraction`): a first attempt with a wrong constant, the environment's report, the fix.
+A sandbox failure (not the program's fault) raises RuntimeError rather than scoring the attempt.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from posttrain.envs.base import StepResult, Turn
 from posttrain.envs.tasks import check_split, split_of, task_rng
 from posttrain.errors import ConfigError
 
-__all__ = ["TASKS", "CodeFeedbackEnv", "make_rows", "sft_transcripts", "task_row"]
+__all__ = ["FAMILIES", "CodeFeedbackEnv", "make_rows", "sft_transcripts", "task_row"]
 
 TEST_FRACTION = 0.25
+CONSTANTS = range(10, 100)  # K: two digits
 
-# (entry point, signature, what it returns, solution body, asserts)
-TASKS: tuple[tuple[str, str, str, str, tuple[str, ...]], ...] = (
-    ("add", "add(a, b)", "a + b", "return a + b",
-     ("add(2, 3) == 5", "add(-1, 1) == 0", "add(0, 0) == 0", "add(10, 5) == 15")),
-    ("sub", "sub(a, b)", "a - b", "return a - b",
-     ("sub(5, 3) == 2", "sub(0, 4) == -4", "sub(7, 7) == 0")),
-    ("is_even", "is_even(n)", "True if n is even", "return n % 2 == 0",
-     ("is_even(4)", "not is_even(3)", "is_even(0)", "not is_even(-1)")),
-    ("rev", "rev(s)", "s reversed", "return s[::-1]",
-     ("rev('ab') == 'ba'", "rev('') == ''", "rev('abc') == 'cba'")),
-    ("square", "square(n)", "n * n", "return n * n",
-     ("square(3) == 9", "square(-2) == 4", "square(0) == 0")),
-    ("maximum", "maximum(a, b)", "the larger of a and b", "return max(a, b)",
-     ("maximum(1, 2) == 2", "maximum(5, 3) == 5", "maximum(-1, -4) == -1")),
-    ("absolute", "absolute(n)", "|n|", "return abs(n)",
-     ("absolute(-3) == 3", "absolute(4) == 4", "absolute(0) == 0")),
-    ("first", "first(xs)", "the first item of xs", "return xs[0]",
-     ("first([1, 2]) == 1", "first('ab') == 'a'", "first([7]) == 7")),
-    ("last", "last(xs)", "the last item of xs", "return xs[-1]",
-     ("last([1, 2]) == 2", "last('ab') == 'b'", "last([7]) == 7")),
-    ("count_a", "count_a(s)", "how many 'a' are in s", "return s.count('a')",
-     ("count_a('banana') == 3", "count_a('') == 0", "count_a('xyz') == 0")),
-    ("double", "double(n)", "2 * n", "return 2 * n",
-     ("double(2) == 4", "double(0) == 0", "double(-3) == -6")),
-    ("is_empty", "is_empty(s)", "True if s is empty", "return len(s) == 0",
-     ("is_empty('')", "not is_empty('a')", "is_empty([])")),
-    ("length", "length(xs)", "the number of items in xs", "return len(xs)",
-     ("length([1, 2, 3]) == 3", "length('') == 0", "length([0]) == 1")),
-    ("upper", "upper(s)", "s in upper case", "return s.upper()",
-     ("upper('ab') == 'AB'", "upper('') == ''", "upper('A1') == 'A1'")),
-    ("halve", "halve(n)", "n // 2", "return n // 2",
-     ("halve(4) == 2", "halve(5) == 2", "halve(0) == 0")),
-    ("neg", "neg(n)", "-n", "return -n", ("neg(3) == -3", "neg(-2) == 2", "neg(0) == 0")),
-    ("total", "total(xs)", "the sum of xs", "return sum(xs)",
-     ("total([1, 2, 3]) == 6", "total([]) == 0", "total([-1, 1]) == 0")),
-    ("min3", "min3(a, b, c)", "the smallest of a, b, c", "return min(a, b, c)",
-     ("min3(1, 2, 3) == 1", "min3(3, 1, 2) == 1", "min3(2, 2, 0) == 0")),
-    ("is_pos", "is_pos(n)", "True if n > 0", "return n > 0",
-     ("is_pos(1)", "not is_pos(0)", "not is_pos(-5)")),
-    ("last_char", "last_char(s)", "the last character of s", "return s[-1]",
-     ("last_char('ab') == 'b'", "last_char('x') == 'x'", "last_char('hey') == 'y'")),
-)  # fmt: skip
-_BY_ENTRY = {task[0]: task for task in TASKS}
+# entry -> (what it returns, as the task says it, with {k}; the test inputs given K; the value)
+FAMILIES: dict[str, tuple[str, Callable[[int], tuple[int, ...]], Callable[[int, int], Any]]] = {
+    "plus": ("n + {k}", lambda k: (0, 5, -3), lambda n, k: n + k),
+    "minus": ("n - {k}", lambda k: (0, 5, 100), lambda n, k: n - k),
+    "times": ("n * {k}", lambda k: (0, 1, 3), lambda n, k: n * k),
+    "above": ("True if n > {k}", lambda k: (k + 1, k, k - 7), lambda n, k: n > k),
+}
+_BODY = {"plus": "n + {k}", "minus": "n - {k}", "times": "n * {k}", "above": "n > {k}"}
 
 
-def task_row(entry: str) -> dict[str, Any]:
-    """The row of the task whose function is `entry` (e.g. "add"), whatever its split."""
-    if entry not in _BY_ENTRY:
-        raise ConfigError(f"code_feedback: no task {entry!r}; tasks: {', '.join(_BY_ENTRY)}")
-    _, signature, returns, _, asserts = _BY_ENTRY[entry]
+def _asserts(entry: str, k: int) -> list[str]:
+    """The family's asserts for constant `k`, values computed from its formula."""
+    _, inputs, value = FAMILIES[entry]
+    out = []
+    for n in inputs(k):
+        v = value(n, k)
+        if isinstance(v, bool):
+            out.append(f"assert {'' if v else 'not '}{entry}({n})")
+        else:
+            out.append(f"assert {entry}({n}) == {v}")
+    return out
+
+
+def task_row(entry: str, k: int) -> dict[str, Any]:
+    """The row of the task `entry` (a family, e.g. "plus") with constant `k`, whatever its split."""
+    if entry not in FAMILIES:
+        raise ConfigError(
+            f"code_feedback: no task family {entry!r}; families: {', '.join(FAMILIES)}"
+        )
+    returns = FAMILIES[entry][0].format(k=k)
     return {
-        "prompt": f"Write a Python function {signature} that returns {returns}.",
+        "prompt": f"Write a Python function {entry}(n) that returns {returns}.",
         "entry": entry,
-        "tests": [f"assert {a}" for a in asserts],
+        "k": k,
+        "tests": _asserts(entry, k),
     }
 
 
 def make_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
-    """`n` coding tasks of one split; tasks repeat (there are only `len(TASKS)`).
+    """`n` coding tasks of one split; tasks repeat once every task of the split was drawn.
 
     Args:
         n: number of rows.
         seed: sampling seed (does not change which split a task belongs to).
-        split: `"train"` or `"test"`: disjoint sets of tasks (a stable hash picks each).
+        split: `"train"` or `"test"`: disjoint sets of (family, K) tasks (a stable hash picks).
 
     Returns:
-        Rows `{"prompt", "entry", "tests"}` (tests: a list of assert statements).
+        Rows `{"prompt", "entry", "k", "tests"}` (tests: a list of assert statements).
     """
     check_split("code_feedback", split, n)
-    pool = [t for t in TASKS if split_of(f"code_feedback:{t[0]}", TEST_FRACTION) == split]
+    pool = [
+        (entry, k)
+        for entry in FAMILIES
+        for k in CONSTANTS
+        if split_of(f"code_feedback:{entry}:{k}", TEST_FRACTION) == split
+    ]
     rng = task_rng("code_feedback", split, seed)
-    order: list[tuple[str, str, str, str, tuple[str, ...]]] = []
+    order: list[tuple[str, int]] = []
     while len(order) < n:  # every task once per round, each round shuffled
         order += rng.sample(pool, len(pool))
-    return [task_row(t[0]) for t in order[:n]]
+    return [task_row(entry, k) for entry, k in order[:n]]
 
 
-def _solution(entry: str) -> str:
-    _, signature, _, body, _ = _BY_ENTRY[entry]
-    return f"```python\ndef {signature}:\n    {body}\n```"
+def solution(entry: str, k: int) -> str:
+    """An attempt at task (`entry`, `k`): the family's function with constant `k`."""
+    return f"```python\ndef {entry}(n):\n    return {_BODY[entry].format(k=k)}\n```"
 
 
-def sft_transcripts(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Ideal conversations: the task, a correct solution, "all N tests passed".
+def report(tests: list[str], reasons: list[str | None]) -> str:
+    """The environment's answer to an attempt: its test results, one line per failing test.
+
+    Args:
+        tests: the assert statements.
+        reasons: per test, None (passed) or the sandbox's reason (`assertion_failed`, ...).
+    """
+    failed = [
+        f"failed: {test.removeprefix('assert ')}"
+        + ("" if why == "assertion_failed" else f" ({why})")
+        for test, why in zip(tests, reasons, strict=True)
+        if why is not None
+    ]
+    if not failed:
+        return f"all {len(tests)} tests passed"
+    return "\n".join([f"{len(tests) - len(failed)}/{len(tests)} tests passed", *failed])
+
+
+def _wrong_constant(row: dict[str, Any]) -> int:
+    """A deterministic other 2-digit constant for a revision transcript's first attempt."""
+    k = int(row["k"])
+    shift = 1 + int(split_of(f"code_feedback-shift:{row['prompt']}", 0.5) == "test")
+    return k + shift if k + shift in CONSTANTS else k - shift
+
+
+def sft_transcripts(
+    rows: list[dict[str, Any]], revise_fraction: float = 0.0
+) -> list[list[dict[str, Any]]]:
+    """Ideal conversations: the task, a correct solution, "all N tests passed"; with
+    `revise_fraction` > 0 that share of the rows (a stable hash picks) first tries a neighbouring
+    constant, gets the environment's report of it, then writes the correct solution.
 
     Args:
         rows: rows of `make_rows`.
+        revise_fraction: share of revision transcripts, in [0, 1].
 
     Returns:
         One message list per row.
     """
-    return [
-        [
-            {"role": "user", "content": row["prompt"]},
-            {"role": "assistant", "content": _solution(row["entry"])},
+    if not 0.0 <= revise_fraction <= 1.0:
+        raise ConfigError(
+            f"env.transcript_kwargs.revise_fraction={revise_fraction} is not valid; use 0..1"
+        )
+    out = []
+    for row in rows:
+        entry, k = row["entry"], int(row["k"])
+        messages = [{"role": "user", "content": row["prompt"]}]
+        if split_of(f"code_feedback-revise:{row['prompt']}", revise_fraction) == "test":
+            wrong = _wrong_constant(row)
+            _, inputs, value = FAMILIES[entry]
+            reasons = [
+                None if value(n, wrong) == value(n, k) else "assertion_failed" for n in inputs(k)
+            ]
+            messages += [
+                {"role": "assistant", "content": solution(entry, wrong)},
+                {"role": "user", "content": report(row["tests"], reasons)},
+            ]
+        messages += [
+            {"role": "assistant", "content": solution(entry, k)},
             {"role": "user", "content": f"all {len(row['tests'])} tests passed"},
         ]
-        for row in rows
-    ]
+        out.append(messages)
+    return out
 
 
 class CodeFeedbackEnv:
@@ -169,16 +211,10 @@ class CodeFeedbackEnv:
         if res.reward is None:
             raise RuntimeError(f"code_feedback: the sandbox failed: {res.reason}")
         self.score = res.reward
-        failed = [
-            f"failed: {test} ({why})"
-            for test, why in zip(self.tests, res.test_reasons, strict=True)
-            if why is not None
-        ]
-        total = len(self.tests)
-        report = f"all {total} tests passed" if not failed else f"{res.passed}/{total} tests passed"
+        failed = any(why is not None for why in res.test_reasons)
         done = not failed or self.attempts >= self.max_attempts
         return StepResult(
-            messages=[{"role": "user", "content": "\n".join([report, *failed])}],
+            messages=[{"role": "user", "content": report(self.tests, res.test_reasons)}],
             done=done,
             progress=self.score,
         )

@@ -299,31 +299,60 @@ def test_guess_number_played_to_success_and_failure() -> None:
 
 @linux_only
 def test_code_feedback_played_to_success_and_failure(sandbox_layers) -> None:
-    row = code_feedback.task_row("add")
-    assert row["tests"] == [
-        "assert add(2, 3) == 5", "assert add(-1, 1) == 0", "assert add(0, 0) == 0",
-        "assert add(10, 5) == 15",
-    ]  # fmt: skip
+    row = code_feedback.task_row("plus", 37)
+    assert row["prompt"] == "Write a Python function plus(n) that returns n + 37."
+    assert row["tests"] == ["assert plus(0) == 37", "assert plus(5) == 42", "assert plus(-3) == 34"]
     env = make_environment("code_feedback", {"max_attempts": 2})
     env.reset(row)
-    first = env.step(Turn(text="```python\ndef add(a, b):\n    return a * b\n```"))
+    first = env.step(Turn(text="```python\ndef plus(n):\n    return n + 38\n```"))
     assert first.messages == [{"role": "user", "content": (
-        "1/4 tests passed\nfailed: assert add(2, 3) == 5 (assertion_failed)\n"
-        "failed: assert add(-1, 1) == 0 (assertion_failed)\n"
-        "failed: assert add(10, 5) == 15 (assertion_failed)"
+        "0/3 tests passed\nfailed: plus(0) == 37\nfailed: plus(5) == 42\nfailed: plus(-3) == 34"
     )}]  # fmt: skip
-    assert not first.done and first.progress == 0.25
-    second = env.step(Turn(text="```python\ndef add(a, b):\n    return abs(a) + b\n```"))
-    assert second.done and second.messages[0]["content"].startswith("3/4 tests passed")
-    assert env.final_reward() == 0.75  # the last attempt's 3 of 4, out of attempts
+    assert not first.done and first.progress == 0.0
+    second = env.step(Turn(text="```python\ndef plus(n):\n    return abs(n) + 37\n```"))
+    assert (
+        second.done and second.messages[0]["content"] == "2/3 tests passed\nfailed: plus(-3) == 34"
+    )
+    assert env.final_reward() == pytest.approx(2 / 3)  # the last attempt's 2 of 3, out of attempts
     env = make_environment("code_feedback", {})
     env.reset(row)
-    broken = env.step(Turn(text="def add(a, b) return"))
-    assert broken.messages[0]["content"].startswith("0/4 tests passed\nfailed: assert add(2, 3)")
+    broken = env.step(Turn(text="def plus(n) return"))
+    assert broken.messages[0]["content"].startswith("0/3 tests passed\nfailed: plus(0) == 37 (")
     assert "syntax_error" in broken.messages[0]["content"] and not broken.done
-    done = env.step(Turn(text="```python\ndef add(a, b):\n    return a + b\n```"))
-    assert done.done and done.messages == [{"role": "user", "content": "all 4 tests passed"}]
+    done = env.step(Turn(text=code_feedback.solution("plus", 37)))
+    assert done.done and done.messages == [{"role": "user", "content": "all 3 tests passed"}]
     assert env.final_reward() == 1.0
+
+
+@linux_only
+def test_code_feedback_partial_credit_of_a_wrong_constant(sandbox_layers) -> None:
+    row = code_feedback.task_row("above", 40)
+    assert row["tests"] == ["assert above(41)", "assert not above(40)", "assert not above(33)"]
+    for wrong, passed in ((41, 2), (39, 2), (40, 3), (10, 1)):
+        env = make_environment("code_feedback", {})
+        env.reset(row)
+        env.step(Turn(text=code_feedback.solution("above", wrong)))
+        assert env.final_reward() == pytest.approx(passed / 3), wrong  # 10: only above(41)
+
+
+@linux_only
+def test_code_feedback_revision_transcripts(sandbox_layers) -> None:
+    rows = code_feedback.make_rows(400, 0, "train")
+    plain = code_feedback.sft_transcripts(rows)
+    mixed = code_feedback.sft_transcripts(rows, revise_fraction=0.3)
+    assert all(len(t) == 3 for t in plain)
+    revised = [t for t in mixed if len(t) == 5]
+    assert abs(len(revised) / len(rows) - 0.3) < 0.06  # a stable hash picks ~30%
+    for t in revised:  # a neighbouring constant first, then the plain transcript's fix
+        assert t[1]["content"] != t[3]["content"] and t[3:] == plain[mixed.index(t)][1:]
+        assert t[2]["content"].split("\n")[0] in {"0/3 tests passed", "1/3 tests passed",
+                                                   "2/3 tests passed"}  # fmt: skip
+    by_family = {t[0]["content"].split("(")[0]: t for t in revised}  # one of each family
+    assert len(by_family) == len(code_feedback.FAMILIES)
+    for t in by_family.values():  # the environment answers the wrong attempt as written
+        assert _replay("code_feedback", t, rows[mixed.index(t)]) == 1.0
+    with pytest.raises(ConfigError, match="revise_fraction"):
+        code_feedback.sft_transcripts(rows, revise_fraction=1.5)
 
 
 # ------------------------------------------------------------------------- task generators
@@ -333,7 +362,7 @@ GENERATORS = {
     "code_feedback": code_feedback,
     "guess_number": guess_number,
 }
-TASK_KEY = {"calculator": "prompt", "code_feedback": "entry", "guess_number": "high"}
+TASK_KEY = {"calculator": "prompt", "code_feedback": "prompt", "guess_number": "high"}
 
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))
