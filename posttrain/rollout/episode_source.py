@@ -218,8 +218,9 @@ class EpisodeSource(RolloutSource):
             "eval/greedy_acc": sum(bool(ep.solved) for ep in eps) / len(rows),
             "eval/greedy_reward_mean": sum(judged) / len(rows),
             "eval/turns_mean": m["agent/turns_mean"],
-            "eval/tool_calls_valid_frac": m["agent/tool_calls/valid_frac"],
         }
+        if "agent/tool_calls/valid_frac" in m:  # absent where no tool was called
+            out["eval/tool_calls_valid_frac"] = m["agent/tool_calls/valid_frac"]
         self._write_transcripts(eps[:TRANSCRIPTS_PER_EVAL], rewards)
         if self.cfg.eval.k >= 1 and self.cfg.eval.seeds:
             out.update(self._sampled_eval(rows, self.cfg.eval.k))

@@ -422,5 +422,6 @@ def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
     for outcome, count in calls.items():
         out[f"agent/tool_calls/{outcome}"] = float(count)
     total_calls = sum(calls.values())
-    out["agent/tool_calls/valid_frac"] = calls["ok"] / total_calls if total_calls else 0.0
+    if total_calls:  # no calls (an environment without tools): no share to report
+        out["agent/tool_calls/valid_frac"] = calls["ok"] / total_calls
     return out

@@ -370,6 +370,9 @@ def test_episode_metrics_count_outcomes_and_observation_tokens(tok, tmp_path):
         sum(sum(e.turn_lengths) for e in eps) / sum(len(e.turn_lengths) for e in eps)
     )
     assert m["agent/tool_calls/valid_frac"] == 1.0
+    for ep in eps:  # no tool calls at all (an environment without tools): no share reported
+        ep.tool_outcomes = []
+    assert "agent/tool_calls/valid_frac" not in episode_metrics(eps)
 
 
 @pytest.mark.slow
