@@ -20,7 +20,7 @@ A sandbox failure (not the program's fault) raises RuntimeError rather than scor
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from posttrain.envs.base import StepResult, Turn
 from posttrain.envs.tasks import check_split, split_of, task_rng
@@ -31,22 +31,30 @@ __all__ = ["FAMILIES", "CodeFeedbackEnv", "make_rows", "sft_transcripts", "task_
 TEST_FRACTION = 0.25
 CONSTANTS = range(10, 100)  # K: two digits
 
-# entry -> (what it returns, as the task says it, with {k}; the test inputs given K; the value)
-FAMILIES: dict[str, tuple[str, Callable[[int], tuple[int, ...]], Callable[[int, int], Any]]] = {
-    "plus": ("n + {k}", lambda k: (0, 5, -3), lambda n, k: n + k),
-    "minus": ("n - {k}", lambda k: (0, 5, 100), lambda n, k: n - k),
-    "times": ("n * {k}", lambda k: (0, 1, 3), lambda n, k: n * k),
-    "above": ("True if n > {k}", lambda k: (k + 1, k, k - 7), lambda n, k: n > k),
+
+class Family(NamedTuple):
+    """A task family: what its function returns and how, with `{k}` for the constant."""
+
+    returns: str  # as the task says it
+    body: str  # the solution's return expression
+    inputs: Callable[[int], tuple[int, ...]]  # the test inputs, given K
+    value: Callable[[int, int], Any]  # the right value of (n, K)
+
+
+FAMILIES: dict[str, Family] = {
+    "plus": Family("n + {k}", "n + {k}", lambda k: (0, 5, -3), lambda n, k: n + k),
+    "minus": Family("n - {k}", "n - {k}", lambda k: (0, 5, 100), lambda n, k: n - k),
+    "times": Family("n * {k}", "n * {k}", lambda k: (0, 1, 3), lambda n, k: n * k),
+    "above": Family("True if n > {k}", "n > {k}", lambda k: (k + 1, k, k - 7), lambda n, k: n > k),
 }
-_BODY = {"plus": "n + {k}", "minus": "n - {k}", "times": "n * {k}", "above": "n > {k}"}
 
 
 def _asserts(entry: str, k: int) -> list[str]:
     """The family's asserts for constant `k`, values computed from its formula."""
-    _, inputs, value = FAMILIES[entry]
+    family = FAMILIES[entry]
     out = []
-    for n in inputs(k):
-        v = value(n, k)
+    for n in family.inputs(k):
+        v = family.value(n, k)
         if isinstance(v, bool):
             out.append(f"assert {'' if v else 'not '}{entry}({n})")
         else:
@@ -60,7 +68,7 @@ def task_row(entry: str, k: int) -> dict[str, Any]:
         raise ConfigError(
             f"code_feedback: no task family {entry!r}; families: {', '.join(FAMILIES)}"
         )
-    returns = FAMILIES[entry][0].format(k=k)
+    returns = FAMILIES[entry].returns.format(k=k)
     return {
         "prompt": f"Write a Python function {entry}(n) that returns {returns}.",
         "entry": entry,
@@ -96,7 +104,7 @@ def make_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any
 
 def solution(entry: str, k: int) -> str:
     """An attempt at task (`entry`, `k`): the family's function with constant `k`."""
-    return f"```python\ndef {entry}(n):\n    return {_BODY[entry].format(k=k)}\n```"
+    return f"```python\ndef {entry}(n):\n    return {FAMILIES[entry].body.format(k=k)}\n```"
 
 
 def report(tests: list[str], reasons: list[str | None]) -> str:
@@ -148,9 +156,10 @@ def sft_transcripts(
         messages = [{"role": "user", "content": row["prompt"]}]
         if split_of(f"code_feedback-revise:{row['prompt']}", revise_fraction) == "test":
             wrong = _wrong_constant(row)
-            _, inputs, value = FAMILIES[entry]
+            family = FAMILIES[entry]
             reasons = [
-                None if value(n, wrong) == value(n, k) else "assertion_failed" for n in inputs(k)
+                None if family.value(n, wrong) == family.value(n, k) else "assertion_failed"
+                for n in family.inputs(k)
             ]
             messages += [
                 {"role": "assistant", "content": solution(entry, wrong)},
